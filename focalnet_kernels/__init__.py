@@ -1,0 +1,34 @@
+"""focalnet_kernels: fused kernels for the focal-context stage of Focal Modulation Networks.
+
+The library knows nothing of the model: one functional entry point, `focal_context`.
+"""
+from __future__ import annotations
+
+import warnings
+
+__version__ = "0.1.0"
+
+try:  # the native extension is optional: the reference and Triton paths work without it
+    from . import _C  # type: ignore[attr-defined]
+except ImportError as _e:  # pragma: no cover - depends on the install
+    _C = None
+    warnings.warn(f"focalnet_kernels: the native extension focalnet_kernels._C is not available ({_e}); "
+                  "using the reference/Triton paths only", RuntimeWarning, stacklevel=2)
+
+from .ops import BACKENDS, backend_calls, focal_context, select_backend  # noqa: E402
+from .reference import focal_context_ref  # noqa: E402
+
+
+def build_info() -> dict:
+    """Version, compiled native backends and CUDA archs of the installed extension."""
+    info = {"version": __version__, "extension": _C is not None, "backends": [], "cuda_archs": []}
+    if _C is not None:
+        b = dict(_C.BUILD_INFO)
+        info.update(extension_version=b["version"], backends=list(b["backends"]),
+                    cuda_archs=[a for a in str(b["cuda_archs"]).split(",") if a], openmp=bool(b["openmp"]))
+    from .ops import triton_available
+    info["triton"] = triton_available()
+    return info
+
+
+__all__ = ["focal_context", "focal_context_ref", "build_info", "select_backend", "backend_calls", "BACKENDS"]

@@ -1,0 +1,273 @@
+"""`focal_context`: validation, backend dispatch and the torch.library op (autograd, fake, compile).
+
+Backends (docs/backend-contract.md): "triton" (focalnet_kernels/triton), "cuda" and "cpu" (native
+extension focalnet_kernels._C), "reference" (eager torch, focalnet_kernels/reference.py).
+`FOCALNET_KERNELS_BACKEND` = auto|triton|cuda|cpu|reference is read at every call.
+auto: CUDA tensors -> the backend the measured table below names (Triton unless measured otherwise);
+CPU tensors -> the native CPU kernel when built, else Triton when TRITON_INTERPRET=1, else reference.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_LEVELS = 4
+MIN_KERNEL, MAX_KERNEL = 3, 15
+
+# Which backend `auto` picks for CUDA tensors, keyed by (L, kernel sizes). Filled from measurements
+# of the GPU suite (benchmarks/results/); a configuration not listed uses _CUDA_DEFAULT.
+# No GPU measurement has been committed yet, so Triton (the most exercised path) is the default.
+_CUDA_PREFERENCE: dict = {}
+_CUDA_DEFAULT = "triton"
+
+#: How many times each backend ran, per direction: tests use it to prove the fast path ran.
+backend_calls: "collections.Counter[str]" = collections.Counter()
+
+_warned: set = set()
+
+
+def _warn_once(key, msg):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+# --------------------------------------------------------------------------------------------
+# availability
+# --------------------------------------------------------------------------------------------
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _native_available(device_type: str) -> bool:
+    try:
+        from . import native
+    except Exception:
+        return False
+    return native.available(device_type)
+
+
+def _supported_by_kernels(ctx: Tensor, ksizes: Sequence[int]) -> Optional[str]:
+    """None when the fast backends support this configuration, else the reason."""
+    if ctx.dtype not in KERNEL_DTYPES:
+        return f"dtype {ctx.dtype} (kernels take float32, float16, bfloat16)"
+    if len(ksizes) > MAX_LEVELS:
+        return f"{len(ksizes)} focal levels (kernels take 1..{MAX_LEVELS})"
+    bad = [k for k in ksizes if not MIN_KERNEL <= k <= MAX_KERNEL]
+    if bad:
+        return f"kernel sizes {bad} (kernels take {MIN_KERNEL}..{MAX_KERNEL})"
+    return None
+
+
+def select_backend(ctx: Tensor, ksizes: Sequence[int]) -> str:
+    """The backend a call with these inputs runs on (reads FOCALNET_KERNELS_BACKEND now)."""
+    forced = os.environ.get("FOCALNET_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+    if forced not in BACKENDS:
+        raise ValueError(f"FOCALNET_KERNELS_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}")
+    dev = ctx.device.type
+    if forced == "reference":
+        return "reference"
+    unsupported = _supported_by_kernels(ctx, ksizes)
+    if forced != "auto":
+        if forced == "triton":
+            if not triton_available():
+                raise RuntimeError("FOCALNET_KERNELS_BACKEND=triton but triton cannot be imported")
+            if dev != "cuda" and not (dev == "cpu" and _interpret()):
+                raise RuntimeError(
+                    f"FOCALNET_KERNELS_BACKEND=triton needs CUDA tensors (or CPU tensors with "
+                    f"TRITON_INTERPRET=1); got a {dev} tensor")
+        elif forced in ("cuda", "cpu"):
+            if dev != forced:
+                raise RuntimeError(f"FOCALNET_KERNELS_BACKEND={forced} but the tensors are on {dev}")
+            if not _native_available(forced):
+                raise RuntimeError(
+                    f"FOCALNET_KERNELS_BACKEND={forced} but the extension focalnet_kernels._C was not "
+                    f"built with the {forced} backend (see focalnet_kernels.build_info())")
+        if unsupported:
+            raise RuntimeError(f"FOCALNET_KERNELS_BACKEND={forced} does not support {unsupported}")
+        return forced
+    if unsupported:
+        if ctx.dtype != torch.float64:  # float64 is the tests' oracle dtype: reference on purpose
+            _warn_once(("unsupported", unsupported),
+                       f"focal_context: no fused kernel for {unsupported}; using the eager reference")
+        return "reference"
+    if dev == "cuda":
+        choice = _CUDA_PREFERENCE.get((len(ksizes), tuple(ksizes)), _CUDA_DEFAULT)
+        for name in (choice, "triton", "cuda"):
+            if name == "triton" and triton_available():
+                return "triton"
+            if name == "cuda" and _native_available("cuda"):
+                return "cuda"
+        _warn_once("no-cuda-backend", "focal_context: neither triton nor the CUDA extension is "
+                   "available for CUDA tensors; using the eager reference")
+        return "reference"
+    if dev == "cpu":
+        if _native_available("cpu"):
+            return "cpu"
+        if _interpret() and triton_available():
+            return "triton"
+        _warn_once("no-cpu-backend", "focal_context: the CPU kernel of focalnet_kernels._C is not "
+                   "built; using the eager reference")
+        return "reference"
+    _warn_once(("device", dev), f"focal_context: no kernel for {dev} tensors; using the eager reference")
+    return "reference"
+
+
+def _backend_fns(name: str):
+    if name == "reference":
+        return reference.focal_context_fwd_ref, reference.focal_context_bwd_ref
+    if name == "triton":
+        from .triton import focal_context_bwd_triton, focal_context_fwd_triton
+        return focal_context_fwd_triton, focal_context_bwd_triton
+    from . import native
+    return native.focal_context_fwd_native, native.focal_context_bwd_native
+
+
+def _weights32(kernels: Sequence[Tensor]) -> List[Tensor]:
+    return [k.detach().reshape(k.shape[0], k.shape[-2], k.shape[-1]).to(torch.float32).contiguous()
+            for k in kernels]
+
+
+# --------------------------------------------------------------------------------------------
+# the torch.library ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("focalnet::focal_context_fwd", mutates_args=())
+def focal_context_fwd(ctx: Tensor, gates: Tensor, kernels: List[Tensor], normalize: bool) -> Tuple[Tensor, Tensor]:
+    """Returns (ctx_all, pooled): pooled is the fp32 spatial mean of the last level, kept for backward."""
+    B, H, W, C = ctx.shape
+    if ctx.numel() == 0:
+        pooled = torch.full((B, C), float("nan") if B * C else 0.0, dtype=torch.float32, device=ctx.device)
+        return ctx.new_zeros((B, H, W, C)), pooled
+    name = select_backend(ctx, [k.shape[-1] for k in kernels])
+    backend_calls[name + ":fwd"] += 1
+    fwd, _ = _backend_fns(name)
+    out, pooled = fwd(ctx, gates, _weights32(kernels) if name != "reference" or ctx.dtype != torch.float64
+                      else [k.reshape(k.shape[0], k.shape[-2], k.shape[-1]).to(torch.float64) for k in kernels],
+                      normalize)
+    return out, pooled
+
+
+@focal_context_fwd.register_fake
+def _(ctx, gates, kernels, normalize):
+    B, H, W, C = ctx.shape
+    pdt = torch.float64 if ctx.dtype == torch.float64 else torch.float32
+    return ctx.new_empty((B, H, W, C)), ctx.new_empty((B, C), dtype=pdt)
+
+
+@torch.library.custom_op("focalnet::focal_context_bwd", mutates_args=())
+def focal_context_bwd(grad_out: Tensor, ctx: Tensor, gates: Tensor, kernels: List[Tensor], pooled: Tensor,
+                      normalize: bool) -> Tuple[Tensor, Tensor, List[Tensor]]:
+    if ctx.numel() == 0:
+        return (torch.zeros_like(ctx, memory_format=torch.contiguous_format),
+                torch.zeros_like(gates, memory_format=torch.contiguous_format),
+                [torch.zeros_like(k) for k in kernels])
+    name = select_backend(ctx, [k.shape[-1] for k in kernels])
+    backend_calls[name + ":bwd"] += 1
+    _, bwd = _backend_fns(name)
+    if name == "reference" and ctx.dtype == torch.float64:
+        weights = [k.reshape(k.shape[0], k.shape[-2], k.shape[-1]).to(torch.float64) for k in kernels]
+    else:
+        weights = _weights32(kernels)
+    grad_ctx, grad_gates, grad_w = bwd(grad_out, ctx, gates, weights, pooled, normalize)
+    grad_k = [gw.reshape(k.shape).to(k.dtype) for gw, k in zip(grad_w, kernels)]
+    return grad_ctx, grad_gates, grad_k
+
+
+@focal_context_bwd.register_fake
+def _(grad_out, ctx, gates, kernels, pooled, normalize):
+    return (ctx.new_empty(ctx.shape), gates.new_empty(gates.shape), [k.new_empty(k.shape) for k in kernels])
+
+
+def _setup_context(ctx, inputs, output):
+    x, gates, kernels, normalize = inputs
+    _, pooled = output
+    ctx.save_for_backward(x, gates, pooled, *kernels)
+    ctx.normalize = normalize
+    ctx.mark_non_differentiable(pooled)
+
+
+def _backward(ctx, grad_out, _grad_pooled):
+    x, gates, pooled, *kernels = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    grad_x, grad_gates, grad_k = focal_context_bwd(grad_out, x, gates, list(kernels), pooled, ctx.normalize)
+    return grad_x, grad_gates, list(grad_k), None
+
+
+focal_context_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------------
+def _check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"focal_context: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"focal_context: `{name}` must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"focal_context: `{name}` must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def validate(ctx, gates, kernels, normalize) -> None:
+    """Raise TypeError/ValueError naming the offending argument."""
+    _check_tensor("ctx", ctx, 4)
+    if ctx.dtype not in KERNEL_DTYPES + (torch.float64,):
+        raise TypeError(f"focal_context: `ctx` dtype must be float32, float16, bfloat16 or float64, got {ctx.dtype}")
+    if isinstance(kernels, Tensor) or not isinstance(kernels, (list, tuple)):
+        raise TypeError("focal_context: `kernels` must be a list or tuple of L depthwise weights [C,1,k,k], "
+                        f"got {type(kernels).__name__}")
+    L = len(kernels)
+    if L < 1:
+        raise ValueError("focal_context: `kernels` must hold at least one level (L >= 1), got an empty sequence")
+    B, H, W, C = ctx.shape
+    _check_tensor("gates", gates, 4)
+    if gates.dtype != ctx.dtype:
+        raise TypeError(f"focal_context: `gates` dtype {gates.dtype} must match `ctx` dtype {ctx.dtype}")
+    if tuple(gates.shape) != (B, H, W, L + 1):
+        raise ValueError(f"focal_context: `gates` must have shape (B, H, W, L+1) = {(B, H, W, L + 1)}, "
+                         f"got {tuple(gates.shape)}")
+    if gates.device != ctx.device:
+        raise ValueError(f"focal_context: `gates` is on {gates.device} but `ctx` is on {ctx.device}")
+    for i, k in enumerate(kernels):
+        _check_tensor(f"kernels[{i}]", k, 4)
+        if k.shape[0] != C or k.shape[1] != 1:
+            raise ValueError(f"focal_context: `kernels[{i}]` must have shape (C, 1, k, k) with C={C}, "
+                             f"got {tuple(k.shape)}")
+        if k.shape[2] != k.shape[3]:
+            raise ValueError(f"focal_context: `kernels[{i}]` must be square, got {tuple(k.shape[2:])}")
+        if k.shape[2] % 2 != 1:
+            raise ValueError(f"focal_context: `kernels[{i}]` size must be odd, got {k.shape[2]}")
+        if k.device != ctx.device:
+            raise ValueError(f"focal_context: `kernels[{i}]` is on {k.device} but `ctx` is on {ctx.device}")
+    if not isinstance(normalize, bool):
+        raise TypeError(f"focal_context: `normalize` must be a bool, got {type(normalize).__name__}")
+
+
+def focal_context(ctx: Tensor, gates: Tensor, kernels: Sequence[Tensor], *, normalize: bool = False) -> Tensor:
+    """The focal-context stage of FocalModulation (notes §1), from ctx and the gates through ctx_all.
+
+    ctx: B×H×W×C (any strides: a view into the f-projection output, or a channels-first map seen
+    through permute); gates: B×H×W×(L+1), same dtype; kernels: L depthwise weights [C,1,k,k], k odd.
+    Returns ctx_all, B×H×W×C contiguous, in ctx's dtype. Differentiable w.r.t. all three.
+    """
+    validate(ctx, gates, kernels, normalize)
+    out, _ = focal_context_fwd(ctx, gates, list(kernels), normalize)
+    return out

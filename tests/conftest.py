@@ -1,0 +1,56 @@
+import os
+
+# Triton kernels run on CPU tensors through the interpreter; it must be switched on before triton is
+# imported anywhere. On a GPU machine (the GPU suite) the kernels compile for the device instead.
+def _cuda_available() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+@pytest.fixture
+def forbid_eager_dwconv(monkeypatch):
+    """Make every eager depthwise conv raise while the test runs: proves a kernel did the work."""
+    real_conv, real_convt = F.conv2d, F.conv_transpose2d
+
+    def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        if groups > 1:
+            raise AssertionError("eager depthwise conv2d ran: the fused path fell back to eager")
+        return real_conv(input, weight, bias, stride, padding, dilation, groups)
+
+    def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+        if groups > 1:
+            raise AssertionError("eager depthwise conv_transpose2d ran: the fused path fell back to eager")
+        return real_convt(input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+    monkeypatch.setattr(F, "conv2d", conv2d)
+    monkeypatch.setattr(F, "conv_transpose2d", conv_transpose2d)
+    monkeypatch.setattr(torch.nn.functional, "conv2d", conv2d)
+    yield
+
+
+@pytest.fixture
+def backend(monkeypatch):
+    """Force a focal_context backend for one test: backend('triton')."""
+    def _set(name):
+        monkeypatch.setenv("FOCALNET_KERNELS_BACKEND", name)
+    return _set
+
+
+def rel_err(a, b):
+    a = a.double()
+    b = b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
