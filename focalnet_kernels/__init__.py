@@ -17,6 +17,7 @@ except ImportError as _e:  # pragma: no cover - depends on the install
 
 from .ops import BACKENDS, backend_calls, focal_context, select_backend  # noqa: E402
 from .reference import focal_context_ref  # noqa: E402
+from .fuse import fuse, is_fused, unfuse  # noqa: E402
 
 
 def build_info() -> dict:
@@ -31,4 +32,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["focal_context", "focal_context_ref", "build_info", "select_backend", "backend_calls", "BACKENDS"]
+__all__ = ["focal_context", "fuse", "unfuse", "is_fused", "focal_context_ref", "build_info", "select_backend", "backend_calls", "BACKENDS"]

@@ -269,5 +269,15 @@ def focal_context(ctx: Tensor, gates: Tensor, kernels: Sequence[Tensor], *, norm
     Returns ctx_all, B×H×W×C contiguous, in ctx's dtype. Differentiable w.r.t. all three.
     """
     validate(ctx, gates, kernels, normalize)
+    if _exporting_to_onnx():
+        # ONNX has no focal-context operator: export the op as its decomposition into standard ops.
+        return reference.focal_context_ref(ctx, gates, kernels, normalize)
     out, _ = focal_context_fwd(ctx, gates, list(kernels), normalize)
     return out
+
+
+def _exporting_to_onnx() -> bool:
+    try:
+        return bool(torch.onnx.is_in_onnx_export())
+    except Exception:  # pragma: no cover - very old torch
+        return False

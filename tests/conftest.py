@@ -40,6 +40,26 @@ def forbid_eager_dwconv(monkeypatch):
 
 
 @pytest.fixture
+def forbid_eager_dwconv_later(monkeypatch):
+    """A context manager form of forbid_eager_dwconv, for tests that run the eager model first."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def _ctx():
+        with monkeypatch.context() as m:
+            real_conv = F.conv2d
+
+            def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+                if groups > 1:
+                    raise AssertionError("eager depthwise conv2d ran: the fused path fell back to eager")
+                return real_conv(input, weight, bias, stride, padding, dilation, groups)
+
+            m.setattr(F, "conv2d", conv2d)
+            yield
+    return _ctx
+
+
+@pytest.fixture
 def backend(monkeypatch):
     """Force a focal_context backend for one test: backend('triton')."""
     def _set(name):
@@ -54,3 +74,15 @@ def rel_err(a, b):
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def kernel_backends():
+    """The fused backends that can run on CPU tensors here: the native CPU kernel (when the
+    extension is built) and Triton in its interpreter (when TRITON_INTERPRET=1)."""
+    from focalnet_kernels import ops
+    names = []
+    if ops._native_available("cpu"):
+        names.append("cpu")
+    if ops.triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
+        names.append("triton")
+    return names

@@ -1,0 +1,105 @@
+"""The torch.library op: registration (opcheck), torch.compile without graph breaks, autocast,
+backend selection through FOCALNET_KERNELS_BACKEND."""
+import pytest
+import torch
+
+import focalnet_kernels as fk
+from focalnet_kernels import ops
+from conftest import rel_err
+
+
+def _inputs(B=2, H=5, W=6, C=4, ks=(3, 5), dtype=torch.float32, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    L = len(ks)
+    f_out = torch.randn(B, H, W, 2 * C + L + 1, generator=g, dtype=dtype)
+    kernels = [torch.randn(C, 1, k, k, generator=g, dtype=dtype) for k in ks]
+    if requires_grad:
+        f_out.requires_grad_(True)
+        for k in kernels:
+            k.requires_grad_(True)
+    return f_out, f_out[..., C : 2 * C], f_out[..., 2 * C :], kernels
+
+
+def test_opcheck_reference(backend):
+    backend("reference")
+    _, ctx, gates, ks = _inputs(requires_grad=True)
+    torch.library.opcheck(ops.focal_context_fwd, (ctx, gates, ks, True))
+
+
+def test_compile_fullgraph_no_recompile(backend):
+    backend("reference")
+    torch._dynamo.reset()
+
+    def f(y, k0, k1):
+        C = k0.shape[0]
+        return fk.focal_context(y[..., C : 2 * C], y[..., 2 * C :], [k0, k1]).sum()
+
+    counter = torch._dynamo.testing.CompileCounter()
+    cf = torch.compile(f, fullgraph=True, backend=counter)
+    for seed in range(3):
+        y, _, _, ks = _inputs(seed=seed)
+        want = f(y, *ks)
+        assert rel_err(cf(y, *ks), want) < 1e-6
+    assert counter.frame_count == 1, "recompiled across calls of the same shape"
+
+
+def test_compile_backward_aot_eager(backend):
+    backend("reference")
+    torch._dynamo.reset()
+    y, _, _, ks = _inputs(requires_grad=True)
+
+    def f(y, k0, k1):
+        C = k0.shape[0]
+        return (fk.focal_context(y[..., C : 2 * C], y[..., 2 * C :], [k0, k1], normalize=True) ** 2).sum()
+
+    grads = torch.autograd.grad(f(y, *ks), (y, *ks))
+    cgrads = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(y, *ks), (y, *ks))
+    for a, b in zip(cgrads, grads):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_autocast_mixed_dtypes(backend):
+    """Under autocast the f-projection yields bf16 ctx/gates while the conv weights stay fp32."""
+    backend("reference")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 2 * 4 + 3)
+    ks = [torch.randn(4, 1, 3, 3, requires_grad=True), torch.randn(4, 1, 5, 5, requires_grad=True)]
+    x = torch.randn(2, 5, 6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lin(x)
+        out = fk.focal_context(y[..., 4:8], y[..., 8:], ks)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(k.grad is not None and k.grad.dtype == torch.float32 for k in ks)
+    want = fk.focal_context_ref(y[..., 4:8].float(), y[..., 8:].float(), ks)
+    assert rel_err(out, want) < 1e-2
+
+
+@pytest.mark.parametrize("name", ["cuda", "fastest"])
+def test_forcing_impossible_backend_raises(monkeypatch, name):
+    _, ctx, gates, ks = _inputs()
+    monkeypatch.setenv("FOCALNET_KERNELS_BACKEND", name)
+    with pytest.raises((RuntimeError, ValueError), match="FOCALNET_KERNELS_BACKEND"):
+        fk.focal_context(ctx, gates, ks)
+
+
+def test_unsupported_config_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.delenv("FOCALNET_KERNELS_BACKEND", raising=False)
+    monkeypatch.setattr(ops, "_warned", set())
+    _, ctx, gates, _ = _inputs(ks=(3,))
+    ks = [torch.randn(ctx.shape[-1], 1, 17, 17)]  # kernel 17 > 15: valid, but no fused kernel
+    before = ops.backend_calls["reference:fwd"]
+    with pytest.warns(RuntimeWarning, match="no fused kernel"):
+        out = fk.focal_context(ctx, gates, ks)
+    assert ops.backend_calls["reference:fwd"] == before + 1
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fk.focal_context(ctx, gates, ks)  # second call: no second warning
+    assert rel_err(out, fk.focal_context_ref(ctx, gates, ks)) < 1e-6
+
+
+def test_build_info_reports_backends():
+    info = fk.build_info()
+    assert info["version"]
+    assert isinstance(info["backends"], list)
