@@ -1,0 +1,387 @@
+"""FocalNet (Focal Modulation Networks, Yang et al. 2022) with an optional fused focal-context stage.
+
+Numerically this is the official microsoft/FocalNet classification model (same op order, same
+dropout / stochastic-depth semantics and random-number consumption), with these additions:
+
+* tokens are kept channels-last (B, H, W, C) inside the blocks;
+* any input size: H and W are zero-padded on the right/bottom up to a multiple of the patch size
+  before the stem (4) and before every downsample (2), as the official detection backbone and
+  Hugging Face transformers do; for inputs that are already multiples nothing changes;
+* ``use_fused=True`` routes the focal-context stage (depthwise convs, GELUs, gating, global
+  context, normalisation) through ``focalnet_kernels.focal_context``;
+* ``features_only=True`` turns the model into a dense backbone (see :class:`FocalNet`).
+
+The state-dict layout is the official one (``patch_embed``, ``layers.i.blocks.j``,
+``layers.i.downsample`` at the END of stage i, ``norm``, ``head``).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as torch_checkpoint
+from torch import Tensor
+
+import focalnet_kernels
+
+__all__ = ["FocalNet", "FocalModulation", "FocalNetBlock", "FocalNetStage", "PatchEmbed", "DropPath", "Mlp"]
+
+
+def drop_path(x: Tensor, drop_prob: float = 0.0, training: bool = False) -> Tensor:
+    """Stochastic depth per sample: each sample's residual branch is kept with prob 1 - drop_prob.
+
+    Same formulation as the timm version used by the official code (and by Hugging Face):
+    ``x / keep * floor(keep + U[0,1))`` with one uniform draw per sample.
+    """
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1.0 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = torch.floor(keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device))
+    return x.div(keep_prob) * mask
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (on channels-last tokens)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class FocalModulation(nn.Module):
+    """Focal modulation on channels-last tokens x: (B, H, W, C) -> (B, H, W, C).
+
+    Parameters (official names): ``f`` Linear C -> 2C + L + 1; ``focal_layers[l]`` =
+    Sequential(depthwise Conv2d k_l x k_l without bias, GELU), k_l = focal_factor * l + focal_window;
+    ``h`` 1x1 Conv2d C -> C; ``ln`` (only with use_postln_in_modulation); ``proj`` Linear C -> C.
+    """
+
+    def __init__(self, dim: int, focal_window: int, focal_level: int, focal_factor: int = 2,
+                 bias: bool = True, proj_drop: float = 0.0, use_postln_in_modulation: bool = False,
+                 normalize_modulator: bool = False, use_fused: bool = False):
+        super().__init__()
+        if focal_level < 1:
+            raise ValueError(f"focal_level must be >= 1, got {focal_level}")
+        self.dim = dim
+        self.focal_window = focal_window
+        self.focal_level = focal_level
+        self.focal_factor = focal_factor
+        self.use_postln_in_modulation = use_postln_in_modulation
+        self.normalize_modulator = normalize_modulator
+        self.use_fused = bool(use_fused)
+
+        self.f = nn.Linear(dim, 2 * dim + focal_level + 1, bias=bias)
+        self.h = nn.Conv2d(dim, dim, kernel_size=1, stride=1, bias=bias)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.kernel_sizes = [focal_factor * k + focal_window for k in range(focal_level)]
+        self.focal_layers = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dim, dim, kernel_size=k, stride=1, groups=dim, padding=k // 2, bias=False),
+                          nn.GELU())
+            for k in self.kernel_sizes)
+        if use_postln_in_modulation:
+            self.ln = nn.LayerNorm(dim)
+
+    def _context_eager(self, y: Tensor) -> Tensor:
+        """Official formulation, channels-first; returns q * modulator as (B, H, W, C)."""
+        C, L = self.dim, self.focal_level
+        y = y.permute(0, 3, 1, 2).contiguous()
+        q, ctx, gates = torch.split(y, (C, C, L + 1), 1)
+        ctx_all = 0
+        for level in range(L):
+            ctx = self.focal_layers[level](ctx)
+            ctx_all = ctx_all + ctx * gates[:, level:level + 1]
+        ctx_global = self.act(ctx.mean(2, keepdim=True).mean(3, keepdim=True))
+        ctx_all = ctx_all + ctx_global * gates[:, L:]
+        if self.normalize_modulator:
+            ctx_all = ctx_all / (L + 1)
+        out = q * self.h(ctx_all)
+        return out.permute(0, 2, 3, 1).contiguous()
+
+    def _context_fused(self, y: Tensor) -> Tensor:
+        """Fused focal-context stage (channels-last throughout); returns q * modulator."""
+        C = self.dim
+        q, ctx, gates = y[..., :C], y[..., C:2 * C], y[..., 2 * C:]
+        ctx_all = focalnet_kernels.focal_context(
+            ctx, gates, [layer[0].weight for layer in self.focal_layers], normalize=self.normalize_modulator)
+        modulator = F.linear(ctx_all, self.h.weight.reshape(C, C), self.h.bias)
+        return q * modulator
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.f(x)
+        out = self._context_fused(y) if self.use_fused else self._context_eager(y)
+        if self.use_postln_in_modulation:
+            out = self.ln(out)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, kernel_sizes={self.kernel_sizes}, normalize_modulator={self.normalize_modulator}, "
+                f"use_fused={self.use_fused}")
+
+
+class FocalNetBlock(nn.Module):
+    """Pre-norm (or, with use_postln, post-norm) FocalNet block on (B, H, W, C) tokens."""
+
+    def __init__(self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0,
+                 focal_level: int = 2, focal_window: int = 3, focal_factor: int = 2,
+                 use_layerscale: bool = False, layerscale_value: float = 1e-4, use_postln: bool = False,
+                 use_postln_in_modulation: bool = False, normalize_modulator: bool = False,
+                 use_fused: bool = False):
+        super().__init__()
+        self.dim = dim
+        self.use_postln = use_postln
+        self.norm1 = nn.LayerNorm(dim)
+        self.modulation = FocalModulation(
+            dim, focal_window=focal_window, focal_level=focal_level, focal_factor=focal_factor,
+            proj_drop=drop, use_postln_in_modulation=use_postln_in_modulation,
+            normalize_modulator=normalize_modulator, use_fused=use_fused)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.use_layerscale = use_layerscale
+        if use_layerscale:
+            self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
+            self.gamma_2 = nn.Parameter(layerscale_value * torch.ones(dim))
+        else:
+            self.gamma_1 = 1.0
+            self.gamma_2 = 1.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_postln:
+            y = self.norm1(self.modulation(x))
+        else:
+            y = self.modulation(self.norm1(x))
+        if self.use_layerscale:  # without layerscale gamma is the constant 1.0 (exact no-op)
+            y = self.gamma_1 * y
+        x = x + self.drop_path(y)
+        if self.use_postln:
+            y = self.norm2(self.mlp(x))
+        else:
+            y = self.mlp(self.norm2(x))
+        if self.use_layerscale:
+            y = self.gamma_2 * y
+        return x + self.drop_path(y)
+
+
+def _pad_to_multiple_nchw(x: Tensor, multiple: int) -> Tensor:
+    H, W = x.shape[-2:]
+    ph, pw = (-H) % multiple, (-W) % multiple
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
+    return x
+
+
+class PatchEmbed(nn.Module):
+    """Stem (patch 4) or downsample (patch 2): pad to a multiple of the patch, conv, LayerNorm.
+
+    Input NCHW, output channels-last (B, H', W', C_out). use_conv_embed: 7x7 s4 p2 (stem) or
+    3x3 s2 p1 (downsample) overlapping convolutions, as in the official classification code.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, use_conv_embed: bool = False,
+                 is_stem: bool = False):
+        super().__init__()
+        self.patch_size = patch_size
+        if use_conv_embed:
+            kernel_size, padding, stride = (7, 2, 4) if is_stem else (3, 1, 2)
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
+        else:
+            self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(_pad_to_multiple_nchw(x, self.patch_size))
+        return self.norm(x.permute(0, 2, 3, 1))
+
+
+class FocalNetStage(nn.Module):
+    """Blocks of one stage, then (except for the last stage) the 2x downsample."""
+
+    def __init__(self, dim: int, out_dim: Optional[int], depth: int, drop_path: Sequence[float],
+                 use_conv_embed: bool = False, use_checkpoint: bool = False, **block_kwargs):
+        super().__init__()
+        self.dim = dim
+        self.use_checkpoint = use_checkpoint
+        self.blocks = nn.ModuleList(FocalNetBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth))
+        self.downsample = (PatchEmbed(2, dim, out_dim, use_conv_embed=use_conv_embed, is_stem=False)
+                           if out_dim is not None else None)
+
+    def _run_blocks(self, x: Tensor) -> Tensor:
+        for blk in self.blocks:
+            x = blk(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """x: (B, H, W, C). Returns (output before downsample, output after downsample)."""
+        if self.use_checkpoint and torch.is_grad_enabled() and len(self.blocks) > 0:
+            x = torch_checkpoint.checkpoint(self._run_blocks, x, use_reentrant=False)
+        else:
+            x = self._run_blocks(x)
+        if self.downsample is None:
+            return x, x
+        return x, self.downsample(x.permute(0, 3, 1, 2))
+
+
+def _per_stage(value, n: int, name: str) -> List[int]:
+    if isinstance(value, int):
+        return [value] * n
+    value = list(value)
+    if len(value) != n:
+        raise ValueError(f"{name} needs one value per stage ({n}), got {value}")
+    return value
+
+
+class FocalNet(nn.Module):
+    """Focal Modulation Network.
+
+    Args:
+        in_chans, num_classes (0: no head, ``head`` is nn.Identity), embed_dim (stage 0 width; doubles
+        per stage), depths, mlp_ratio, drop_rate (dropout after the stem and in every block),
+        drop_path_rate (linear stochastic-depth rule over all blocks), focal_levels / focal_windows (an
+        int or one per stage), focal_factor, use_conv_embed, use_layerscale, layerscale_value,
+        use_postln, use_postln_in_modulation, normalize_modulator, use_fused (focal-context stage via
+        focalnet_kernels.focal_context), use_checkpoint (per-stage non-reentrant activation checkpointing).
+        features_only: the model becomes a dense backbone, like the official detection backbone: no
+        final ``norm`` / ``head``; for every stage i in ``out_indices`` a LayerNorm ``norm{i}`` is applied
+        to the output of stage i *before* its downsample, and ``forward`` returns the list of these maps
+        as NCHW tensors (strides 4, 8, 16, 32 of the padded input).
+    """
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
+                 depths: Sequence[int] = (2, 2, 6, 2), mlp_ratio: float = 4.0, drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, focal_levels: Union[int, Sequence[int]] = (2, 2, 2, 2),
+                 focal_windows: Union[int, Sequence[int]] = (3, 3, 3, 3), focal_factor: int = 2,
+                 use_conv_embed: bool = False, use_layerscale: bool = False, layerscale_value: float = 1e-4,
+                 use_postln: bool = False, use_postln_in_modulation: bool = False,
+                 normalize_modulator: bool = False, use_fused: bool = False, use_checkpoint: bool = False,
+                 features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3), patch_size: int = 4):
+        super().__init__()
+        depths = list(depths)
+        n = len(depths)
+        self.num_layers = n
+        self.embed_dims = [embed_dim * 2 ** i for i in range(n)]
+        self.num_features = self.embed_dims[-1]
+        self.num_classes = num_classes
+        self.features_only = features_only
+        focal_levels = _per_stage(focal_levels, n, "focal_levels")
+        focal_windows = _per_stage(focal_windows, n, "focal_windows")
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, self.embed_dims[0], use_conv_embed=use_conv_embed,
+                                      is_stem=True)
+        self.pos_drop = nn.Dropout(drop_rate)
+        dpr = [v.item() for v in torch.linspace(0, drop_path_rate, sum(depths), device="cpu")]
+        self.layers = nn.ModuleList()
+        for i in range(n):
+            self.layers.append(FocalNetStage(
+                self.embed_dims[i], self.embed_dims[i + 1] if i < n - 1 else None, depths[i],
+                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], use_conv_embed=use_conv_embed,
+                use_checkpoint=use_checkpoint, mlp_ratio=mlp_ratio, drop=drop_rate,
+                focal_level=focal_levels[i], focal_window=focal_windows[i], focal_factor=focal_factor,
+                use_layerscale=use_layerscale, layerscale_value=layerscale_value, use_postln=use_postln,
+                use_postln_in_modulation=use_postln_in_modulation, normalize_modulator=normalize_modulator,
+                use_fused=use_fused))
+
+        if features_only:
+            out_indices = tuple(int(i) for i in out_indices)
+            bad = [i for i in out_indices if not 0 <= i < n]
+            if bad or not out_indices:
+                raise ValueError(f"out_indices must be a non-empty subset of 0..{n - 1}, got {out_indices}")
+            self.out_indices = out_indices
+            for i in out_indices:
+                self.add_module(f"norm{i}", nn.LayerNorm(self.embed_dims[i]))
+            self.feature_info = [dict(num_chs=self.embed_dims[i], reduction=patch_size * 2 ** i,
+                                      module=f"layers.{i}") for i in out_indices]
+        else:
+            self.out_indices = ()
+            self.norm = nn.LayerNorm(self.num_features)
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # as official: Linear trunc-normal(0.02) with zero bias, LayerNorm (1, 0), convs PyTorch default
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ----- fused switch -------------------------------------------------------------------------
+    def modulations(self) -> List[FocalModulation]:
+        return [m for m in self.modules() if isinstance(m, FocalModulation)]
+
+    def set_fused(self, flag: bool = True) -> "FocalNet":
+        for m in self.modulations():
+            m.use_fused = bool(flag)
+        return self
+
+    @property
+    def use_fused(self) -> bool:
+        """True when every FocalModulation uses the fused focal-context kernel."""
+        mods = self.modulations()
+        return bool(mods) and all(m.use_fused for m in mods)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> "FocalNet":
+        for layer in self.layers:
+            layer.use_checkpoint = bool(enable)
+        return self
+
+    # ----- forward ------------------------------------------------------------------------------
+    def forward_stages(self, x: Tensor) -> List[Tensor]:
+        """Raw output of every stage before its downsample, channels-last (B, H_i, W_i, C_i)."""
+        x = self.pos_drop(self.patch_embed(x))
+        outs = []
+        for layer in self.layers:
+            before, x = layer(x)
+            outs.append(before)
+        return outs
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final normalised tokens (B, H/32, W/32, C) (not available with features_only)."""
+        if self.features_only:
+            raise RuntimeError("forward_features is not available with features_only=True; call forward")
+        x = self.pos_drop(self.patch_embed(x))
+        for layer in self.layers:
+            _, x = layer(x)
+        return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.flatten(1, 2).mean(1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor):
+        if self.features_only:
+            outs = []
+            h = self.pos_drop(self.patch_embed(x))
+            for i, layer in enumerate(self.layers):
+                before, h = layer(h)
+                if i in self.out_indices:
+                    outs.append(getattr(self, f"norm{i}")(before).permute(0, 3, 1, 2).contiguous())
+                if i >= max(self.out_indices):
+                    break
+            return outs
+        return self.forward_head(self.forward_features(x))
