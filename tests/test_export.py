@@ -40,3 +40,33 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path):
     sess = ort.InferenceSession(str(path))
     (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(got, m(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _tiny_fused():
+    import focalnet
+    torch.manual_seed(0)
+    return focalnet.create_model("focalnet_tiny_srf", embed_dim=8, depths=(1, 1, 1, 1), num_classes=5,
+                                 use_fused=True).eval()
+
+
+def test_torch_export_fused_model():
+    model = _tiny_fused()
+    x = torch.randn(2, 3, 32, 32)
+    ep = torch.export.export(model, (x,))
+    ops_in_graph = [n for n in ep.graph.nodes if "focalnet.focal_context_fwd" in str(n.target)]
+    assert len(ops_in_graph) == 4  # one per block
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_onnx_export_fused_model(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _tiny_fused()
+    x = torch.randn(2, 3, 32, 32)
+    path = tmp_path / "focalnet.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True)
+    sess = ort.InferenceSession(str(path))
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
