@@ -1,0 +1,501 @@
+"""Triton backward of the focal context (docs/backend-contract.md, "Backward").
+
+    focal_context_bwd_triton(grad_out, ctx, gates, weights, pooled, normalize)
+        -> (grad_ctx, grad_gates, grad_weights)
+
+Notation (contract): x_0 = ctx, z_l = dwconv(x_l, w_l), x_{l+1} = GELU(z_l), s = 1/(L+1) or 1,
+dout = grad_out, g = gates, k_l = kernel size of level l, N = one B*H*W*C map.
+
+Stages and launches (L levels; 2L + 1 Triton launches, plus tiny torch ops on [B, C] and the
+fixed-order sums of the weight-gradient workspaces):
+
+  (1) `_bwd_global_kernel`, 1 launch, fixed config. Reads dout and g[..., L] once (1 N pass):
+      grad_gates[..., L] = s * sum_c dout * GELU(pooled) (all C looped inside the program, so the
+      per-token sum is complete: no partials), and dpool partial sums over blocks of BLOCK_HW tokens
+      ([B, n_blocks, C] fp32; summed over blocks in a fixed order by torch). dpool -> dxg[b, c] =
+      GELU'(pooled) * s * sum / (H*W) is a [B, C] torch op.
+  (2) `_dwconv_kernel` (GELU epilogue), L-1 launches: x_{l+1} = GELU(dwconv(x_l)) for l = 0..L-2
+      into fp32 scratch maps (read x_l + write x_{l+1}: 2 N per launch). x_L and every z_l are
+      never stored: z_l is recomputed at the tile inside step (3) from the taps of x_l that the
+      weight gradient has to read anyway.
+  (3) `_bwd_step_kernel`, one launch per level l = L-1 .. 0. Per spatial tile, looping over all
+      channel blocks:
+        dx_{l+1} = s*dout*g_l + (l == L-1 ? dxg[b, c] : conv_transpose(dz_{l+1}, w_{l+1}))
+        z_l      = dwconv(x_l, w_l)                       (taps of x_l: L1/L2 hits, not N passes)
+        grad_gates[..., l] = s * sum_c dout * GELU(z_l)    (complete per token: C looped in-program)
+        dz_l     = dx_{l+1} * GELU'(z_l)                  -> fp32 scratch map
+        grad_w_l partial[row, i, j, c] += sum_tile dz_l * x_l(shifted)   (private workspace row)
+      Passes: read x_l, dout, (dz_{l+1}), write dz_l: 3 N for the top level, 4 N for the others.
+  (4) `_dwconv_kernel` (flipped taps, no GELU), 1 launch: grad_ctx = conv_transpose(dz_0, w_0)
+      (read dz_0, write grad_ctx: 2 N).
+
+  Total: 1 + 2(L-1) + 3 + 4(L-1) + 2 = 6L full-map passes (18 for L = 3; gates traffic is
+  (L+1)/C of a map and not counted). Eager autograd of the same graph runs ~9 passes per level
+  forward again plus its backward.
+
+Transient memory: the fp32 scratch maps x_1..x_{L-1} plus one more: dz_l is written into the
+buffer of x_{l+1}, which step l no longer needs (steps l+1.. are done, x_{l+1} is recomputed at
+the tile), so the peak is L fp32 maps (freed when backward returns), plus the weight-gradient
+workspaces (bounded, see `_rows`).
+
+Determinism: no atomics anywhere. The weight-gradient reduction is two-stage: program `row` of the
+step kernel owns workspace row `row` ([rows, k, k, C] fp32), walks the tiles row, row+rows, ... in a
+fixed order and accumulates into its own row (load-add-store, a barrier between tiles); torch then
+sums the rows with `.sum(0)` (fixed order). `rows` never depends on the autotuned config (it is at
+most the tile count of the biggest tile), so every row is fully overwritten on every run and
+autotuner benchmark runs cannot leave stale data. Results are bit-identical between runs with the
+same chosen config; a different autotuned tile changes the summation order (ulp-level), so two
+processes that tune differently may differ in the last bits.
+
+Strides: grad_out, ctx and gates are read through their strides (never made contiguous); all map
+offsets are computed in int64. Weights are read from tap-major [k, k, C] copies (host permute of
+C*k*k floats) so weight loads are contiguous along C; EVEN_C (C % BLOCK_C == 0, a heuristic on the
+autotuned BLOCK_C) drops the channel masks so loads vectorise.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+_INV_SQRT2 = 0.7071067811865476     # host side
+_INV_SQRT_2PI = 0.3989422804014327
+# kernel side: jit functions may only read constexpr globals
+_K_INV_SQRT2 = tl.constexpr(_INV_SQRT2)
+_K_INV_SQRT_2PI = tl.constexpr(_INV_SQRT_2PI)
+
+# --------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------
+# (TILE_H, TILE_W, BLOCK_C, num_warps), shared by the recompute/transpose conv and the step kernel.
+if _INTERPRET:
+    # The interpreter: one config, no benchmarking. 8x8 tiles so the small test maps (7x9, 13x17)
+    # span several tiles with partial edges, BLOCK_C 32 so C = 64 takes two channel blocks.
+    _TILE_CONFIGS = [(8, 8, 32, 4)]
+else:
+    # Every config keeps 16 elements of a [TILE, BLOCK_C] tile per thread: the step kernel holds
+    # ~6 such fp32 tiles plus 64-bit pointer tiles live, and 32 per thread spilled (sm_90, 255 regs).
+    _TILE_CONFIGS = [
+        # 64-token tile: small maps (7x7, 14x14 late stages) waste little on tile overhang and
+        # still give B*tiles programs; the default for mid-size C.
+        (8, 8, 32, 4),
+        # 128-token tile, 8 warps: large early-stage maps (56x56 and up); halo re-reads and the
+        # per-tile workspace update are amortised over 2x more tokens.
+        (8, 16, 32, 8),
+        # 64 channels, 8 warps: wide C (384..1024) on mid-size maps, half the channel-block
+        # iterations per tile and 2x the bytes per row of the channel loads.
+        (8, 8, 64, 8),
+        # 32-token tile with 64 channels: tiny maps with large C (7x7, C = 768/1024), where the
+        # number of tiles, not bandwidth, limits the grid.
+        (4, 8, 64, 4),
+    ]
+_NUM_STAGES = 1  # no tl.dot: nothing for the software pipeliner to overlap; keep shared memory free
+
+
+def _autotune_configs():
+    return [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_C": bc}, num_warps=nw, num_stages=_NUM_STAGES)
+            for th, tw, bc, nw in _TILE_CONFIGS]
+
+
+# The global kernel is not autotuned: its partial-sum buffer shape depends on BLOCK_HW.
+_G_BLOCK_HW = 64
+_G_BLOCK_C = 32
+_G_NUM_WARPS = 4
+
+# Weight-gradient workspace rows (= step-kernel programs): at most MAX_ROWS, at most
+# WS_BUDGET_FLOATS floats per level workspace, never more than the tile count of any config.
+MAX_ROWS = 4096
+WS_BUDGET_FLOATS = 1 << 24  # 64 MiB of fp32
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_coords(t, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
+    """Tile index t -> (b, h[TILE], w[TILE]); tiles are image-major, then rows, then columns."""
+    nth = tl.cdiv(H, TILE_H)
+    ntw = tl.cdiv(W, TILE_W)
+    per = nth * ntw
+    b = t // per
+    rem = t - b * per
+    th = rem // ntw
+    tw = rem - th * ntw
+    r = tl.arange(0, TILE_H * TILE_W)
+    hh = th * TILE_H + r // TILE_W
+    ww = tw * TILE_W + r % TILE_W
+    return b, hh, ww
+
+
+@triton.jit
+def _dwconv_tile(src_ptr, s_b, s_h, s_w, s_c, w_ptr, b, hh, ww, cc64, cc, cm, H, W, C,
+                 K: tl.constexpr, FLIP: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 depthwise conv of src at the tile (w tap-major [K, K, C]). FLIP=False: sum_ij w[c,i,j] src[h+i-p, w+j-p]
+    (forward conv); FLIP=True: sum_ij w[c,i,j] src[h-i+p, w-j+p] (transposed conv). Zero padding."""
+    P: tl.constexpr = K // 2
+    acc = tl.zeros([TILE, BLOCK_C], dtype=tl.float32)
+    base = b.to(tl.int64) * s_b
+    coff = cc64 * s_c
+    for i in range(K):
+        if FLIP:
+            h2 = hh + (P - i)
+        else:
+            h2 = hh + (i - P)
+        hm = (h2 >= 0) & (h2 < H)
+        hoff = base + h2.to(tl.int64) * s_h
+        for j in range(K):
+            if FLIP:
+                w2 = ww + (P - j)
+            else:
+                w2 = ww + (j - P)
+            m = hm & (w2 >= 0) & (w2 < W)
+            v = tl.load(src_ptr + (hoff + w2.to(tl.int64) * s_w)[:, None] + coff[None, :],
+                        mask=m[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(w_ptr + (i * K + j) * C + cc, mask=cm, other=0.0)
+            acc += v * wv[None, :]
+    return acc
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+def _even_c(args):
+    return args["C"] % args["BLOCK_C"] == 0
+
+
+@triton.jit
+def _bwd_global_kernel(dout_ptr, sdb, sdh, sdw, sdc,
+                       g_ptr, sgb, sgh, sgw, sgc,
+                       pooled_ptr, gg_ptr, dpart_ptr,
+                       H, W, C, LEVELS, scale,
+                       BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+    """Program (b, blk): BLOCK_HW tokens of image b. grad_gates[tok, L] = s*sum_c dout*GELU(pooled);
+    dpart[b, blk, c] = sum_tokens dout * g[..., L]."""
+    b = tl.program_id(0)
+    blk = tl.program_id(1)
+    nblk = tl.num_programs(1)
+    HW = H * W
+    hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    tm = hw < HW
+    hh = hw // W
+    ww = hw - hh * W
+    b64 = b.to(tl.int64)
+    doff = b64 * sdb + hh.to(tl.int64) * sdh + ww.to(tl.int64) * sdw
+    goff = b64 * sgb + hh.to(tl.int64) * sgh + ww.to(tl.int64) * sgw + LEVELS * sgc
+    gl = tl.load(g_ptr + goff, mask=tm, other=0.0).to(tl.float32)
+    gdot = tl.zeros([BLOCK_HW], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        if EVEN_C:  # constant mask: lets the loads vectorise along C
+            cm = tl.full([BLOCK_C], 1, tl.int1)
+        else:
+            cm = cc < C
+        m2 = tm[:, None] & cm[None, :]
+        d = tl.load(dout_ptr + doff[:, None] + cc.to(tl.int64)[None, :] * sdc, mask=m2, other=0.0).to(tl.float32)
+        p = tl.load(pooled_ptr + b * C + cc, mask=cm, other=0.0)
+        gp = 0.5 * p * (1.0 + tl.math.erf(p * _K_INV_SQRT2))
+        gdot += tl.sum(d * gp[None, :], axis=1)
+        part = tl.sum(d * gl[:, None], axis=0)
+        tl.store(dpart_ptr + (b64 * nblk + blk) * C + cc, part, mask=cm)
+    tok = b64 * HW + hw
+    tl.store(gg_ptr + tok * (LEVELS + 1) + LEVELS, (gdot * scale).to(gg_ptr.dtype.element_ty), mask=tm)
+
+
+@triton.autotune(configs=_autotune_configs(), key=["B", "H", "W", "C", "K", "FLIP"])
+@triton.heuristics({"EVEN_C": _even_c})
+@triton.jit
+def _dwconv_kernel(src_ptr, s_b, s_h, s_w, s_c, w_ptr, dst_ptr, B, H, W, C,
+                   K: tl.constexpr, FLIP: tl.constexpr, GELU: tl.constexpr,
+                   TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                   EVEN_C: tl.constexpr):
+    """dst (contiguous B*H*W*C) = [GELU](dwconv or transposed dwconv of src). Grid (tiles, c-blocks)."""
+    TILE: tl.constexpr = TILE_H * TILE_W
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    b, hh, ww = _tile_coords(t, H, W, TILE_H, TILE_W)
+    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    if EVEN_C:
+        cm = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        cm = cc < C
+    cc64 = cc.to(tl.int64)
+    y = _dwconv_tile(src_ptr, s_b, s_h, s_w, s_c, w_ptr, b, hh, ww, cc64, cc, cm, H, W, C,
+                     K, FLIP, TILE, BLOCK_C)
+    if GELU:
+        y = 0.5 * y * (1.0 + tl.math.erf(y * _K_INV_SQRT2))
+    valid = (hh < H) & (ww < W)
+    tok = (b.to(tl.int64) * H + hh) * W + ww
+    tl.store(dst_ptr + (tok * C)[:, None] + cc64[None, :], y.to(dst_ptr.dtype.element_ty),
+             mask=valid[:, None] & cm[None, :])
+
+
+@triton.autotune(configs=_autotune_configs(), key=["B", "H", "W", "C", "KOUT", "KIN", "TOP"])
+@triton.heuristics({"EVEN_C": _even_c})
+@triton.jit
+def _bwd_step_kernel(x_ptr, sxb, sxh, sxw, sxc,          # x_l (ctx with its strides, or fp32 scratch)
+                     w_ptr,                              # w_l tap-major [KOUT, KOUT, C] fp32
+                     dzin_ptr, szb, szh, szw, win_ptr,   # dz_{l+1} (fp32, channel stride 1), w_{l+1}
+                     dout_ptr, sdb, sdh, sdw, sdc,
+                     g_ptr, sgb, sgh, sgw, sgc,
+                     dxg_ptr,                            # [B, C] fp32: dpool / (H W)  (TOP only)
+                     dz_ptr,                             # out: dz_l, fp32 contiguous
+                     gg_ptr,                             # out: grad_gates contiguous [B*H*W, L+1]
+                     ws_ptr,                             # out: [R, KOUT, KOUT, C] fp32 partials
+                     B, H, W, C, R, LEVEL, LEVELS, scale,
+                     KOUT: tl.constexpr, KIN: tl.constexpr, TOP: tl.constexpr,
+                     TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                     EVEN_C: tl.constexpr):
+    """Backward of level LEVEL for the tiles row, row+R, ... (R = number of programs)."""
+    TILE: tl.constexpr = TILE_H * TILE_W
+    KK: tl.constexpr = KOUT * KOUT
+    P: tl.constexpr = KOUT // 2
+    row = tl.program_id(0)
+    T = B * tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)
+    ws_row = ws_ptr + row.to(tl.int64) * KK * C
+    for t in range(row, T, R):
+        b, hh, ww = _tile_coords(t, H, W, TILE_H, TILE_W)
+        valid = (hh < H) & (ww < W)
+        b64 = b.to(tl.int64)
+        tok = (b64 * H + hh) * W + ww
+        doff = b64 * sdb + hh.to(tl.int64) * sdh + ww.to(tl.int64) * sdw
+        goff = b64 * sgb + hh.to(tl.int64) * sgh + ww.to(tl.int64) * sgw + LEVEL * sgc
+        gl = tl.load(g_ptr + goff, mask=valid, other=0.0).to(tl.float32)
+        gdot = tl.zeros([TILE], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            if EVEN_C:
+                cm = tl.full([BLOCK_C], 1, tl.int1)
+            else:
+                cm = cc < C
+            cc64 = cc.to(tl.int64)
+            m2 = valid[:, None] & cm[None, :]
+            sd = tl.load(dout_ptr + doff[:, None] + (cc64 * sdc)[None, :], mask=m2, other=0.0).to(tl.float32)
+            sd = sd * scale
+            # dx_{l+1} at the tile
+            dx = sd * gl[:, None]
+            if TOP:
+                dx += tl.load(dxg_ptr + b64 * C + cc64, mask=cm, other=0.0)[None, :]
+            else:
+                dx += _dwconv_tile(dzin_ptr, szb, szh, szw, 1, win_ptr, b, hh, ww, cc64, cc, cm, H, W, C,
+                                   KIN, True, TILE, BLOCK_C)
+            # z_l, x_{l+1}, GELU'(z_l)
+            z = _dwconv_tile(x_ptr, sxb, sxh, sxw, sxc, w_ptr, b, hh, ww, cc64, cc, cm, H, W, C,
+                             KOUT, False, TILE, BLOCK_C)
+            cdf = 0.5 * (1.0 + tl.math.erf(z * _K_INV_SQRT2))
+            gdot += tl.sum(sd * (z * cdf), axis=1)
+            dz = dx * (cdf + z * tl.exp(-0.5 * z * z) * _K_INV_SQRT_2PI)
+            dz = tl.where(m2, dz, 0.0)
+            tl.store(dz_ptr + (tok * C)[:, None] + cc64[None, :], dz, mask=m2)
+            # weight-gradient partials: sum over the tile of dz_l * x_l(shifted), per tap
+            xbase = b64 * sxb
+            xcoff = cc64 * sxc
+            for i in range(KOUT):
+                h2 = hh + (i - P)
+                hm = (h2 >= 0) & (h2 < H)
+                hoff = xbase + h2.to(tl.int64) * sxh
+                for j in range(KOUT):
+                    w2 = ww + (j - P)
+                    m = hm & (w2 >= 0) & (w2 < W)
+                    xs = tl.load(x_ptr + (hoff + w2.to(tl.int64) * sxw)[:, None] + xcoff[None, :],
+                                 mask=m[:, None] & cm[None, :], other=0.0).to(tl.float32)
+                    part = tl.sum(dz * xs, axis=0)
+                    wp = ws_row + (i * KOUT + j) * C + cc64
+                    prev = tl.load(wp, mask=cm & ((cc * 0 + t) != row), other=0.0)
+                    tl.store(wp, prev + part, mask=cm)
+        tl.store(gg_ptr + tok * (LEVELS + 1) + LEVEL, (gdot).to(gg_ptr.dtype.element_ty), mask=valid)
+        # the next tile re-reads this program's workspace row: make the stores visible CTA-wide
+        tl.debug_barrier()
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+def _ntiles(B: int, H: int, W: int, th: int, tw: int) -> int:
+    return B * triton.cdiv(H, th) * triton.cdiv(W, tw)
+
+
+def _rows(B: int, H: int, W: int, C: int, k: int) -> int:
+    """Step-kernel programs = workspace rows. Config-independent: <= the tile count of every config,
+    so each program owns at least one tile and writes its whole row on every run."""
+    t_min = min(_ntiles(B, H, W, th, tw) for th, tw, _, _ in _TILE_CONFIGS)
+    budget = max(1, WS_BUDGET_FLOATS // (C * k * k))
+    return max(1, min(t_min, MAX_ROWS, budget))
+
+
+def _tile_grid(B, H, W, C):
+    return lambda META: (_ntiles(B, H, W, META["TILE_H"], META["TILE_W"]), triton.cdiv(C, META["BLOCK_C"]))
+
+
+def focal_context_bwd_triton(grad_out: torch.Tensor, ctx: torch.Tensor, gates: torch.Tensor,
+                             weights: Sequence[torch.Tensor], pooled: torch.Tensor,
+                             normalize: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    B, H, W, C = ctx.shape
+    L = len(weights)
+    assert L >= 1 and gates.shape == (B, H, W, L + 1) and grad_out.shape == ctx.shape
+    assert ctx.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    assert grad_out.dtype == ctx.dtype and gates.dtype == ctx.dtype
+    ks = [int(w.shape[-1]) for w in weights]
+    for w, k in zip(weights, ks):
+        assert w.shape == (C, k, k) and k % 2 == 1 and w.dtype == torch.float32 and w.is_contiguous()
+    dev = ctx.device
+    # tap-major copies [k, k, C] (C*k*k floats): contiguous weight loads along C in the kernels
+    wt = [w.permute(1, 2, 0).contiguous() for w in weights]
+    s = 1.0 / (L + 1) if normalize else 1.0
+    HW = H * W
+
+    grad_ctx = torch.empty((B, H, W, C), dtype=ctx.dtype, device=dev)
+    grad_gates = torch.empty((B, H, W, L + 1), dtype=ctx.dtype, device=dev)
+    pooled = pooled.to(device=dev, dtype=torch.float32).contiguous()
+
+    # (1) global term: grad_gates[..., L] and dpool
+    nblk = triton.cdiv(HW, _G_BLOCK_HW)
+    dpart = torch.empty((B, nblk, C), dtype=torch.float32, device=dev)
+    _bwd_global_kernel[(B, nblk)](
+        grad_out, *grad_out.stride(), gates, *gates.stride(), pooled, grad_gates, dpart,
+        H, W, C, L, s, BLOCK_HW=_G_BLOCK_HW, BLOCK_C=_G_BLOCK_C, EVEN_C=C % _G_BLOCK_C == 0,
+        num_warps=_G_NUM_WARPS, num_stages=_NUM_STAGES)
+    cdf = 0.5 * (1.0 + torch.erf(pooled * _INV_SQRT2))
+    gelu_grad = cdf + pooled * torch.exp(-0.5 * pooled * pooled) * _INV_SQRT_2PI
+    dxg = (gelu_grad * dpart.sum(1) * (s / HW)).contiguous()  # [B, C] fp32
+    del dpart
+
+    # (2) recompute x_1 .. x_{L-1} (fp32 scratch)
+    grid = _tile_grid(B, H, W, C)
+    xs = [ctx]
+    for l in range(L - 1):
+        src = xs[-1]
+        dst = torch.empty((B, H, W, C), dtype=torch.float32, device=dev)
+        _dwconv_kernel[grid](src, *src.stride(), wt[l], dst, B, H, W, C, K=ks[l], FLIP=False, GELU=True)
+        xs.append(dst)
+
+    # (3) level steps, top down. dz_l goes into x_{l+1}'s buffer (free by then) or a new one (top).
+    grad_w: List[torch.Tensor] = [None] * L  # type: ignore[list-item]
+    dz_next = None
+    for l in range(L - 1, -1, -1):
+        top = l == L - 1
+        dz = torch.empty((B, H, W, C), dtype=torch.float32, device=dev) if top else xs[l + 1]
+        R = _rows(B, H, W, C, ks[l])
+        ws = torch.empty((R, ks[l], ks[l], C), dtype=torch.float32, device=dev)
+        x = xs[l]
+        _bwd_step_kernel[(R,)](
+            x, *x.stride(), wt[l],
+            dz if top else dz_next, *dz.stride()[:3], wt[l] if top else wt[l + 1],
+            grad_out, *grad_out.stride(), gates, *gates.stride(),
+            dxg, dz, grad_gates, ws,
+            B, H, W, C, R, l, L, s,
+            KOUT=ks[l], KIN=1 if top else ks[l + 1], TOP=top)
+        # second, fixed-order stage of the weight-gradient reduction
+        grad_w[l] = ws.sum(0).permute(2, 0, 1).contiguous()
+        del ws
+        if not top:
+            xs[l + 1] = None  # its buffer now holds dz_l
+        dz_next = dz
+
+    # (4) grad_ctx = conv_transpose(dz_0, w_0)
+    _dwconv_kernel[grid](dz_next, *dz_next.stride(), wt[0], grad_ctx, B, H, W, C,
+                         K=ks[0], FLIP=True, GELU=False)
+    return grad_ctx, grad_gates, grad_w
+
+
+# --------------------------------------------------------------------------------------------
+# kernels for the compile report (format: focal_context_fwd.py's top docstring; read by
+# focalnet_kernels/report.py). Representative specialisations: bf16 (the training dtype), the
+# LRF kernel sizes (3, 5, 7) for every shipped config, the detection sizes (.., 13, 15) for the
+# big-tile config, and fp32 once. Channel strides are 1 in the production layouts (f-output slice,
+# contiguous grad_out, scratch), and Triton specialises an integer argument equal to 1 to a
+# constant, so they are given as constexprs = 1.
+# --------------------------------------------------------------------------------------------
+_D16 = [["tt.divisibility", 16]]
+
+
+def _raw(kernel):
+    """The @triton.jit function under the autotune/heuristics wrappers."""
+    while type(kernel).__name__ in ("Autotuner", "Heuristics"):
+        kernel = kernel.fn
+    return kernel
+
+
+def _cfg_label(th, tw, bc, nw):
+    return f"{th}x{tw} c{bc} w{nw} s{_NUM_STAGES}"
+
+
+def _report_global(dt):
+    sig = {"dout_ptr": dt, "g_ptr": dt, "pooled_ptr": "*fp32", "gg_ptr": dt, "dpart_ptr": "*fp32"}
+    sig.update({n: "i32" for n in ("sdb", "sdh", "sdw", "sgb", "sgh", "sgw", "H", "W", "C", "LEVELS")})
+    sig["scale"] = "fp32"
+    return {
+        "name": f"bwd_global[{dt[1:]}]",
+        "config": f"p{_G_BLOCK_HW} c{_G_BLOCK_C} w{_G_NUM_WARPS} s{_NUM_STAGES}",
+        "fn": _bwd_global_kernel,
+        "signature": sig,
+        "constexprs": {"sdc": 1, "sgc": 1, "BLOCK_HW": _G_BLOCK_HW, "BLOCK_C": _G_BLOCK_C, "EVEN_C": True},
+        "attrs": {n: _D16 for n in ("dout_ptr", "g_ptr", "pooled_ptr", "gg_ptr", "dpart_ptr", "C", "sdb", "sdh",
+                                    "sdw")},
+        "num_warps": _G_NUM_WARPS, "num_stages": _NUM_STAGES,
+    }
+
+
+def _report_dwconv(dt, cfg, k, final):
+    th, tw, bc, nw = cfg
+    # recompute: ctx (a slice view of the f output: unaligned row strides) -> fp32 scratch;
+    # final: fp32 dz_0 scratch -> grad_ctx in the ctx dtype
+    src, dst = ("*fp32", dt) if final else (dt, "*fp32")
+    sig = {"src_ptr": src, "w_ptr": "*fp32", "dst_ptr": dst}
+    sig.update({n: "i32" for n in ("s_b", "s_h", "s_w", "B", "H", "W", "C")})
+    attrs = {n: _D16 for n in ("src_ptr", "w_ptr", "dst_ptr", "C")}
+    if final:
+        attrs.update({n: _D16 for n in ("s_b", "s_h", "s_w")})
+    return {
+        "name": f"bwd_{'grad_ctx' if final else 'recompute'}[{dt[1:]} k={k}]",
+        "config": _cfg_label(*cfg),
+        "fn": _raw(_dwconv_kernel),
+        "signature": sig,
+        "constexprs": {"s_c": 1, "K": k, "FLIP": final, "GELU": not final,
+                       "TILE_H": th, "TILE_W": tw, "BLOCK_C": bc, "EVEN_C": True},
+        "attrs": attrs,
+        "num_warps": nw, "num_stages": _NUM_STAGES,
+    }
+
+
+def _report_step(dt, cfg, kout, kin):
+    th, tw, bc, nw = cfg
+    top = kin == 0
+    sig = {"x_ptr": "*fp32", "w_ptr": "*fp32", "dzin_ptr": "*fp32", "win_ptr": "*fp32", "dout_ptr": dt,
+           "g_ptr": dt, "dxg_ptr": "*fp32", "dz_ptr": "*fp32", "gg_ptr": dt, "ws_ptr": "*fp32"}
+    sig.update({n: "i32" for n in ("sxb", "sxh", "sxw", "szb", "szh", "szw", "sdb", "sdh", "sdw",
+                                   "sgb", "sgh", "sgw", "B", "H", "W", "C", "R", "LEVEL", "LEVELS")})
+    sig["scale"] = "fp32"
+    # x_l is the fp32 scratch (L >= 2), dz_{l+1} too: contiguous, aligned strides
+    attrs = {n: _D16 for n in ("x_ptr", "w_ptr", "dzin_ptr", "win_ptr", "dout_ptr", "g_ptr", "dxg_ptr",
+                               "dz_ptr", "gg_ptr", "ws_ptr", "C", "sxb", "sxh", "sxw", "szb", "szh",
+                               "szw", "sdb", "sdh", "sdw")}
+    return {
+        "name": f"bwd_step[{dt[1:]} k={kout}{' top' if top else f' up={kin}'}]",
+        "config": _cfg_label(*cfg),
+        "fn": _raw(_bwd_step_kernel),
+        "signature": sig,
+        "constexprs": {"sxc": 1, "sdc": 1, "sgc": 1, "KOUT": kout, "KIN": max(kin, 1), "TOP": top,
+                       "TILE_H": th, "TILE_W": tw, "BLOCK_C": bc, "EVEN_C": True},
+        "attrs": attrs,
+        "num_warps": nw, "num_stages": _NUM_STAGES,
+    }
+
+
+def _report_kernels():
+    out = [_report_global("*bf16")]
+    for cfg in _TILE_CONFIGS:
+        out += [_report_dwconv("*bf16", cfg, 3, False), _report_step("*bf16", cfg, 7, 0),
+                _report_step("*bf16", cfg, 5, 7), _report_dwconv("*bf16", cfg, 3, True)]
+    big = max(_TILE_CONFIGS, key=lambda c: c[0] * c[1])
+    out += [_report_step("*bf16", big, 15, 0), _report_step("*bf16", big, 13, 15)]
+    base = _TILE_CONFIGS[0]
+    out += [_report_step("*fp32", base, 5, 7), _report_dwconv("*fp32", base, 3, True)]
+    return out
+
+
+REPORT_KERNELS = _report_kernels()
