@@ -1,0 +1,93 @@
+"""The compile report: every shipped forward config compiles for sm_80 and sm_90 without spills.
+
+No GPU needed: triton.compile with a GPUTarget + the cuobjdump of Triton's wheel.  collect()
+runs the compiles in a subprocess without TRITON_INTERPRET, so this works after the interpreter
+tests set it.  To stay fast it compiles, per (dtype, config), the entry with the most levels
+(the register-heaviest specialisation) plus the global kernel; `python -m focalnet_kernels.report`
+compiles them all.
+"""
+import importlib
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+
+FWD = "focalnet_kernels.triton.focal_context_fwd"
+
+
+def _cuobjdump_available():
+    import triton
+    return os.access(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                                  "cuobjdump"), os.X_OK)
+
+
+pytestmark = pytest.mark.skipif(not _cuobjdump_available(), reason="no cuobjdump in triton wheel")
+
+
+def _fwd_subset():
+    from focalnet_kernels import report
+    entries = importlib.import_module(FWD).REPORT_KERNELS
+    worst = {}
+    for e in entries:
+        sig = e["signature"]
+        dt = sig.get("ctx_ptr", sig.get("out_ptr"))
+        k = (e["fn"].__name__, dt, e["config"], "slice" in e["name"])
+        if k not in worst or e["constexprs"].get("L", 0) > worst[k]["constexprs"].get("L", 0):
+            worst[k] = e
+    return entries, [report.entry_key(e) for e in worst.values()]
+
+
+@pytest.fixture(scope="module")
+def rows():
+    from focalnet_kernels import report
+    _, select = _fwd_subset()
+    return report.collect(archs=(80, 90), select=select, modules=[FWD], jobs=2), select
+
+
+def test_every_shipped_config_compiles_without_spills(rows):
+    rows, select = rows
+    fwd_mod = importlib.import_module(FWD)
+    got = [r for r in rows if r.get("ok") is not None]
+    bad = [r for r in got if not r["ok"]]
+    assert not bad, bad[0].get("error")
+    # one row per selected entry and arch
+    assert {(f"{r['kernel']} @ {r['config']}", r["arch"]) for r in got} == \
+        {(s, a) for s in select for a in (80, 90)}
+    for r in got:
+        assert r["regs"] > 0
+        assert r["spill_bytes"] == 0 and r["local"] == 0 and r["stack"] == 0, r
+        assert r["regs"] <= 255
+    # every autotune config of the local kernel is among the compiled ones, on both archs
+    shipped = {f"{c.kwargs['TILE_H']}x{c.kwargs['TILE_W']} c{c.kwargs['BLOCK_C']} w{c.num_warps} "
+               f"s{c.num_stages}" for c in fwd_mod._GPU_CONFIGS}
+    for arch in (80, 90):
+        compiled = {r["config"] for r in got if r["arch"] == arch and r["kernel"].startswith(
+            "fwd_local[bf16")}
+        assert shipped <= compiled, (arch, shipped - compiled)
+    # aligned contiguous bf16: the hot loads are 16-byte vectors
+    for r in got:
+        if r["kernel"].startswith("fwd_local[bf16") and "slice" not in r["kernel"]:
+            assert r["ldg128"] >= 2 * r["ldg_narrow"], r
+
+
+def test_report_prints_a_table(rows):
+    from focalnet_kernels import report
+    rows, _ = rows
+    text = report.format_table(rows)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["kernel", "config", "sm", "regs"]
+    assert any("fwd_local" in ln and " 90 " in ln for ln in lines)
+    assert any("fwd_global" in ln and " 80 " in ln for ln in lines)
+    print("\n" + text)
+
+
+def test_report_kernels_format():
+    """The fwd export follows the format documented in focal_context_fwd.py: every argument of
+    fn is typed in signature or given in constexprs, never both."""
+    for e in importlib.import_module(FWD).REPORT_KERNELS:
+        assert {"name", "config", "fn", "signature", "constexprs", "attrs", "num_warps",
+                "num_stages"} <= set(e)
+        for a in e["fn"].arg_names:
+            assert (a in e["constexprs"]) != (a in e["signature"]), (e["name"], a)
+        assert set(e["attrs"]) <= set(e["signature"])
