@@ -73,27 +73,27 @@ _K_INV_SQRT_2PI = tl.constexpr(_INV_SQRT_2PI)
 # configs
 # --------------------------------------------------------------------------------------------
 # (TILE_H, TILE_W, BLOCK_C, num_warps), shared by the recompute/transpose conv and the step kernel.
+# Every config keeps 16 elements of a [TILE, BLOCK_C] tile per thread: the step kernel holds
+# ~6 such fp32 tiles plus 64-bit pointer tiles live, and 32 per thread spilled (sm_90, 255 regs).
+_GPU_TILE_CONFIGS = [
+    # 64-token tile: small maps (7x7, 14x14 late stages) waste little on tile overhang and
+    # still give B*tiles programs; the default for mid-size C.
+    (8, 8, 32, 4),
+    # 128-token tile with 16 channels: large early-stage maps (56x56 and up, C = 96..192);
+    # halo re-reads and the per-tile workspace update are amortised over 2x more tokens.
+    # (8-warp variants of these tiles hit ptxas' 128-register cap and spilled on sm_90.)
+    (8, 16, 16, 4),
+    # 64-token tile with 64 channels at 8 warps would spill; 4x16 tokens x 32 channels keeps 16
+    # elements per thread: wide C (384..1024) on small maps (7x7, 14x14), where the number of
+    # tiles, not bandwidth, limits the grid.
+    (4, 16, 32, 4),
+]
 if _INTERPRET:
     # The interpreter: one config, no benchmarking. 8x8 tiles so the small test maps (7x9, 13x17)
     # span several tiles with partial edges, BLOCK_C 32 so C = 64 takes two channel blocks.
-    _TILE_CONFIGS = [(8, 8, 32, 4)]
+    _TILE_CONFIGS = [_GPU_TILE_CONFIGS[0]]
 else:
-    # Every config keeps 16 elements of a [TILE, BLOCK_C] tile per thread: the step kernel holds
-    # ~6 such fp32 tiles plus 64-bit pointer tiles live, and 32 per thread spilled (sm_90, 255 regs).
-    _TILE_CONFIGS = [
-        # 64-token tile: small maps (7x7, 14x14 late stages) waste little on tile overhang and
-        # still give B*tiles programs; the default for mid-size C.
-        (8, 8, 32, 4),
-        # 128-token tile, 8 warps: large early-stage maps (56x56 and up); halo re-reads and the
-        # per-tile workspace update are amortised over 2x more tokens.
-        (8, 16, 32, 8),
-        # 64 channels, 8 warps: wide C (384..1024) on mid-size maps, half the channel-block
-        # iterations per tile and 2x the bytes per row of the channel loads.
-        (8, 8, 64, 8),
-        # 32-token tile with 64 channels: tiny maps with large C (7x7, C = 768/1024), where the
-        # number of tiles, not bandwidth, limits the grid.
-        (4, 8, 64, 4),
-    ]
+    _TILE_CONFIGS = _GPU_TILE_CONFIGS
 _NUM_STAGES = 1  # no tl.dot: nothing for the software pipeliner to overlap; keep shared memory free
 
 
