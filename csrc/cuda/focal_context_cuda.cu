@@ -1,8 +1,788 @@
-// Placeholder: replaced by the CUDA backend.
+// Native CUDA backend of focal_context (docs/backend-contract.md), C ABI in focal_context.h.
+//
+// Design (kernels in fc_kernels.cuh, helpers in fc_device.cuh):
+//  * Forward: the levels are partitioned into fused segments, and each segment's tile chosen, by
+//    a small cost model (halo recompute vs. workspace round trips; e.g. SRF, LRF, fl3: one
+//    segment; fl4: (3,5,7)+(9); detection window 9: (9,11)+(13)[+(15)]).
+//    One fc_fused_kernel launch per segment stages the tile + halo of its input level in shared
+//    memory once and computes every level of the segment from shared memory on a shrinking
+//    region (zero padding of every level outside the image), accumulating the gated sum in fp32.
+//    Segment boundaries pass x_l and the running sum through fp32 workspace maps. The last
+//    segment writes out = s * local sum and per-tile pooled partials; fc_pool_finish_kernel
+//    reduces them in a fixed order, and fc_fwd_epilogue_kernel adds s * g_L * GELU(pooled).
+//  * Backward (staged per level, recomputing): x_1..x_{L-1} recomputed by fc_fused_kernel into
+//    the workspace; fc_bwd_prep_kernel (dpool and global-gate partials); then one
+//    fc_bwd_level_kernel per level, l = L-1..0, recomputing z_l from x_l in shared memory.
+//    Gate gradients (reduction over C) and weight gradients (reduction over B*H*W) are per-block
+//    partials in the workspace reduced by fixed-order kernels. No float atomics anywhere.
+//  * Compile-time specialisations (FC_FUSED_SPECS) for the common level segments; any other
+//    segment runs the generic instantiation (runtime L and kernel sizes, predicated unrolled taps).
+//    The per-level backward kernel is specialised for every kernel size 3..15.
+#include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <stdexcept>
+#include <string>
+#include <vector>
+
 #include "focal_context.h"
+#include "fc_kernels.cuh"
+
 namespace focalnet {
-int64_t focal_context_workspace_bytes_cuda(const FocalContextArgs&, bool) { return 0; }
-void focal_context_fwd_cuda(const FocalContextArgs&) { throw std::runtime_error("focal_context_fwd_cuda: not implemented"); }
-void focal_context_bwd_cuda(const FocalContextArgs&) { throw std::runtime_error("focal_context_bwd_cuda: not implemented"); }
+namespace {
+
+using namespace fcc;
+
+constexpr int64_t kSmemBudget = 96 * 1024;  // <= the opt-in limit of every sm_80+ GPU (sm_86/89: 99 KB)
+#ifndef FC_BWD_TARGET_BLOCKS
+#define FC_BWD_TARGET_BLOCKS 2048
+#endif
+constexpr int kTargetBlocks = FC_BWD_TARGET_BLOCKS;  // grid size aimed at by the per-level backward
+constexpr int64_t kAlign = 256;             // workspace sub-buffer alignment (bytes)
+
+// Tile sides tried by the planners (7, 14, 28 divide the FocalNet maps 56/28/14/7).
+constexpr int kTileSides[] = {1, 2, 4, 7, 8, 12, 14, 16, 24, 28, 32};
+
+// Cost model of the planners, in fp32-FMA equivalents per pixel and channel: conv FMAs on the
+// (padded) regions actually computed, staging loads, a constant per block, and the workspace
+// traffic of a segment boundary (~16 bytes per element at ~11 FMA per DRAM byte on an H100).
+constexpr double kCostPerTile = 2000.0;
+constexpr double kCostStageByte = 2.0;
+constexpr double kCostGeneric = 1.3;
+constexpr double kCostBoundaryFwd = 176.0;
+constexpr double kCostBoundaryRecompute = 50.0;
+
+// (levels in the segment, k0, k1, k2, k3)
+#define FC_FUSED_SPECS(X)                                                                             \
+  X(1, 3, 0, 0, 0) X(1, 5, 0, 0, 0) X(1, 7, 0, 0, 0) X(1, 9, 0, 0, 0) X(1, 11, 0, 0, 0)               \
+  X(1, 13, 0, 0, 0) X(1, 15, 0, 0, 0) X(2, 3, 5, 0, 0) X(2, 5, 7, 0, 0) X(2, 9, 11, 0, 0)            \
+  X(3, 3, 5, 7, 0) X(3, 5, 7, 9, 0) X(4, 3, 5, 7, 9)
+
+struct SpecK {
+  int nl;
+  int k[4];
+};
+constexpr SpecK kSpecs[] = {
+#define FC_X(LC, a, b, c, d) {LC, {a, b, c, d}},
+    FC_FUSED_SPECS(FC_X)
+#undef FC_X
+};
+constexpr int kNumSpecs = (int)(sizeof(kSpecs) / sizeof(kSpecs[0]));
+
+using FusedFn = void (*)(FusedParams);
+using LevelFn = void (*)(LevelBwdParams);
+
+template <typename T>
+FusedFn fused_fn(int spec) {
+  static const FusedFn tbl[] = {
+#define FC_X(LC, a, b, c, d) &fc_fused_kernel<T, LC, a, b, c, d>,
+      FC_FUSED_SPECS(FC_X)
+#undef FC_X
+  };
+  static_assert(sizeof(tbl) / sizeof(tbl[0]) == sizeof(kSpecs) / sizeof(kSpecs[0]), "spec table mismatch");
+  return (spec >= 0 && spec < kNumSpecs) ? tbl[spec] : &fc_fused_kernel<T, 0, 0, 0, 0, 0>;
 }
+
+template <typename T>
+LevelFn level_fn(int k) {
+  switch (k) {
+    case 3: return &fc_bwd_level_kernel<T, 3>;
+    case 5: return &fc_bwd_level_kernel<T, 5>;
+    case 7: return &fc_bwd_level_kernel<T, 7>;
+    case 9: return &fc_bwd_level_kernel<T, 9>;
+    case 11: return &fc_bwd_level_kernel<T, 11>;
+    case 13: return &fc_bwd_level_kernel<T, 13>;
+    case 15: return &fc_bwd_level_kernel<T, 15>;
+    default: throw std::invalid_argument("focal_context_cuda: kernel size " + std::to_string(k) + " unsupported");
+  }
+}
+
+template <typename T> const char* dtype_name();
+template <> const char* dtype_name<float>() { return "float32"; }
+template <> const char* dtype_name<__half>() { return "float16"; }
+template <> const char* dtype_name<__nv_bfloat16>() { return "bfloat16"; }
+
+int find_spec(int nl, const int* k) {
+  for (int i = 0; i < kNumSpecs; ++i) {
+    if (kSpecs[i].nl != nl) continue;
+    bool ok = true;
+    for (int j = 0; j < nl; ++j) ok = ok && kSpecs[i].k[j] == k[j];
+    if (ok) return i;
+  }
+  return -1;
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ------------------------------------------------------------------------------------------
+// plans (pure functions of the arguments: workspace size and launches always agree)
+// ------------------------------------------------------------------------------------------
+struct Segment {
+  int l0 = 0, nl = 0;
+  int k[4] = {0, 0, 0, 0};
+  int spec = -1;
+  int TH = 0, TW = 0, accP = 0, ntw = 0, ntiles = 0;
+  int R[5] = {0, 0, 0, 0, 0};
+  int pitch[5] = {0, 0, 0, 0, 0};
+  int offA = 0, offB = 0, offW[4] = {0, 0, 0, 0}, offG = 0, offAcc = 0, offRed = 0;
+  int64_t smem = 0;
+};
+
+bool fused_geom(Segment& s, bool fwd, int64_t H, int64_t W, int th, int tw) {
+  const int TH = (int)std::min<int64_t>(th, H), TW = (int)std::min<int64_t>(tw, W);
+  const bool kfix = s.spec >= 0;
+  s.TH = TH;
+  s.TW = TW;
+  s.R[s.nl] = 0;
+  for (int j = s.nl - 1; j >= 0; --j) s.R[j] = s.R[j + 1] + s.k[j] / 2;
+  int64_t sizeA = 0, sizeB = 0;
+  for (int j = 0; j < s.nl; ++j) {
+    const int V = vblock(kfix ? s.k[j] : KMAX_ALL);
+    const int rows = TH + 2 * s.R[j], cols = TW + 2 * s.R[j], ocols = TW + 2 * s.R[j + 1];
+    const int nchunk = (ocols + V - 1) / V;
+    const int pitch = std::max(cols, nchunk * V + s.k[j] - 1) | 1;
+    s.pitch[j] = pitch;
+    const int64_t sz = (int64_t)rows * pitch * CB;
+    if (j & 1)
+      sizeB = std::max(sizeB, sz);
+    else
+      sizeA = std::max(sizeA, sz);
+  }
+  s.pitch[s.nl] = 0;
+  s.accP = TW | 1;
+  int64_t off = 0;
+  s.offA = 0;
+  off += sizeA;
+  s.offB = (int)off;
+  off += sizeB;
+  for (int j = 0; j < 4; ++j) {
+    s.offW[j] = (int)off;
+    if (j < s.nl) off += (int64_t)s.k[j] * s.k[j] * CB;
+  }
+  if (fwd) {
+    s.offG = (int)off;
+    off += round_up((int64_t)s.nl * TH * s.accP, 4);
+    s.offAcc = (int)off;
+    off += (int64_t)TH * s.accP * CB;
+  } else {
+    s.offG = s.offAcc = 0;
+  }
+  s.offRed = (int)off;
+  off += NT;
+  s.smem = off * 4;
+  const int64_t ntiles = ceil_div(H, TH) * ceil_div(W, TW);
+  if (ntiles > std::numeric_limits<int32_t>::max() / 1024) return false;
+  s.ntw = (int)ceil_div(W, TW);
+  s.ntiles = (int)ntiles;
+  return s.smem <= kSmemBudget;
+}
+
+double fused_cost(const Segment& s, int64_t H, int64_t W) {
+  const bool kfix = s.spec >= 0;
+  double per_tile = kCostPerTile;
+  for (int j = 0; j < s.nl; ++j) {
+    const int V = vblock(kfix ? s.k[j] : KMAX_ALL);
+    const int64_t orows = s.TH + 2 * s.R[j + 1], ocols = s.TW + 2 * s.R[j + 1];
+    per_tile += (double)s.k[j] * s.k[j] * (double)round_up(orows, GPW) * (double)round_up(ocols, V) *
+                (kfix ? 1.0 : kCostGeneric);
+  }
+  per_tile += kCostStageByte * 4.0 * (double)(s.TH + 2 * s.R[0]) * (double)(s.TW + 2 * s.R[0]);
+  return per_tile * (double)s.ntiles / (double)(H * W);
+}
+
+// Best tile of a segment (min cost among the tiles that fit the shared-memory budget).
+bool plan_segment_tile(Segment& s, bool fwd, int64_t B, int64_t H, int64_t W, int64_t cblocks, double& cost) {
+  bool found = false;
+  Segment best;
+  double best_cost = 0.0;
+  for (int th : kTileSides)
+    for (int tw : kTileSides) {
+      Segment t = s;
+      if (!fused_geom(t, fwd, H, W, th, tw)) continue;
+      if (B * t.ntiles * cblocks > std::numeric_limits<int32_t>::max()) continue;  // grid.x limit
+      const double c = fused_cost(t, H, W);
+      if (!found || c < best_cost) {
+        best = t;
+        best_cost = c;
+        found = true;
+      }
+    }
+  if (found) {
+    s = best;
+    cost = best_cost;
+  }
+  return found;
+}
+
+// Partition of levels [lb, le) into fused segments with the lowest modelled cost.
+std::vector<Segment> make_segments(const FocalContextArgs& a, int lb, int le, bool fwd) {
+  const int n = le - lb;
+  std::vector<Segment> best;
+  double best_cost = 0.0;
+  for (int mask = 0; mask < (1 << (n - 1)); ++mask) {  // bit i: a segment ends after level lb + i
+    std::vector<Segment> segs;
+    double cost = 0.0;
+    bool ok = true;
+    int l = lb;
+    while (l < le && ok) {
+      Segment s;
+      s.l0 = l;
+      s.nl = 0;
+      do {
+        s.k[s.nl] = a.ksize[l + s.nl];
+        ++s.nl;
+      } while (l + s.nl < le && !((mask >> (l + s.nl - 1 - lb)) & 1));
+      s.spec = find_spec(s.nl, s.k);
+      double c = 0.0;
+      ok = plan_segment_tile(s, fwd, a.B, a.H, a.W, ceil_div(a.C, CB), c);
+      cost += c;
+      segs.push_back(s);
+      l += s.nl;
+    }
+    if (!ok) continue;
+    cost += (double)(segs.size() - 1) * (fwd ? kCostBoundaryFwd : kCostBoundaryRecompute);
+    if (best.empty() || cost < best_cost) {
+      best = segs;
+      best_cost = cost;
+    }
+  }
+  if (best.empty()) throw std::runtime_error("focal_context_cuda: no tile of the fused kernel fits shared memory");
+  return best;
+}
+
+struct LevelPlan {
+  int k = 0, TH = 0, TW = 0, accP = 0, ntw = 0, ntiles = 0, nslots = 0, pX = 0, pZ = 0;
+  int offX = 0, offZ = 0, offW = 0, offD = 0, offGp = 0;
+  int64_t smem = 0;
+};
+
+bool level_geom(LevelPlan& g, int k, int64_t H, int64_t W, int th, int tw) {
+  const int TH = (int)std::min<int64_t>(th, H), TW = (int)std::min<int64_t>(tw, W);
+  const int p = k / 2, V = vblock(k);
+  g.k = k;
+  g.TH = TH;
+  g.TW = TW;
+  const int xr = TH + 4 * p, xc = TW + 4 * p;
+  g.pX = std::max(xc, (int)ceil_div(TW + 2 * p, V) * V + k - 1) | 1;
+  const int zr = TH + 2 * p, zc = TW + 2 * p;
+  g.pZ = std::max(zc, (int)ceil_div(TW, V) * V + k - 1) | 1;
+  g.accP = TW | 1;
+  const int NP = NGRP / k;
+  const int64_t sizeX = std::max<int64_t>((int64_t)xr * g.pX * CB, (int64_t)NP * k * k * CB);
+  const int64_t sizeZ = (int64_t)zr * g.pZ * CB;
+  int64_t off = 0;
+  g.offX = 0;
+  off += sizeX;
+  g.offZ = (int)off;
+  off += sizeZ;
+  g.offW = (int)off;
+  off += (int64_t)k * k * CB;
+  g.offD = (int)off;
+  off += (int64_t)TH * g.accP * CB;
+  g.offGp = (int)off;
+  off += round_up((int64_t)TH * g.accP, 4);
+  g.smem = off * 4;
+  const int64_t ntiles = ceil_div(H, TH) * ceil_div(W, TW);
+  if (ntiles > std::numeric_limits<int32_t>::max() / 1024) return false;
+  g.ntw = (int)ceil_div(W, TW);
+  g.ntiles = (int)ntiles;
+  return g.smem <= kSmemBudget;
+}
+
+double level_cost(const LevelPlan& g, int64_t H, int64_t W) {
+  const int k = g.k, p = k / 2, V = vblock(k);
+  double per_tile = kCostPerTile;
+  per_tile += (double)k * k * (double)round_up(g.TH + 2 * p, GPW) * (double)round_up(g.TW + 2 * p, V);  // z
+  per_tile += (double)k * k * (double)round_up(g.TH, GPW) * (double)round_up(g.TW, V);                  // dx
+  per_tile += 2.0 * k * k * (double)g.TH * g.TW;                                                            // dw
+  per_tile += kCostStageByte * 4.0 * ((double)(g.TH + 4 * p) * (g.TW + 4 * p) + (double)(g.TH + 2 * p) * (g.TW + 2 * p));
+  return per_tile * (double)g.ntiles / (double)(H * W);
+}
+
+struct Layout {
+  int64_t cur = 0;
+  int64_t take(int64_t bytes) {
+    const int64_t o = cur;
+    cur += round_up(std::max<int64_t>(bytes, 0), kAlign);
+    return o;
+  }
+};
+
+struct FwdPlan {
+  std::vector<Segment> segs;
+  int64_t off_pool = -1, off_gp = -1, off_acc = -1;
+  int64_t off_X[5] = {-1, -1, -1, -1, -1};
+  int64_t bytes = 0;
+};
+
+struct BwdPlan {
+  std::vector<Segment> segs;
+  int64_t off_X[5] = {-1, -1, -1, -1, -1};
+  int64_t off_D[2] = {-1, -1};
+  int64_t nchunk = 0, off_dp = -1, off_dpool = -1, off_gg = -1;
+  LevelPlan lv[kMaxLevels];
+  int64_t off_gw[kMaxLevels] = {-1, -1, -1, -1};
+  int64_t bytes = 0;
+};
+
+int64_t map_bytes(const FocalContextArgs& a) { return a.B * a.H * a.W * a.C * (int64_t)sizeof(float); }
+int64_t cblocks_of(const FocalContextArgs& a) { return ceil_div(a.C, CB); }
+
+FwdPlan plan_fwd(const FocalContextArgs& a) {
+  FwdPlan pl;
+  pl.segs = make_segments(a, 0, a.L, true);
+  Layout lay;
+  pl.off_pool = lay.take((int64_t)a.B * pl.segs.back().ntiles * a.C * 4);
+  pl.off_gp = lay.take(a.B * a.C * 4);
+  if (pl.segs.size() > 1) {
+    pl.off_acc = lay.take(map_bytes(a));
+    for (size_t i = 1; i < pl.segs.size(); ++i) pl.off_X[pl.segs[i].l0] = lay.take(map_bytes(a));
+  }
+  pl.bytes = lay.cur;
+  return pl;
+}
+
+BwdPlan plan_bwd(const FocalContextArgs& a) {
+  BwdPlan pl;
+  const int L = a.L;
+  Layout lay;
+  if (L >= 2) {
+    pl.segs = make_segments(a, 0, L - 1, false);
+    for (int l = 1; l <= L - 1; ++l) pl.off_X[l] = lay.take(map_bytes(a));
+    pl.off_D[0] = lay.take(map_bytes(a));
+    if (L >= 3) pl.off_D[1] = lay.take(map_bytes(a));
+  }
+  pl.nchunk = ceil_div(a.H * a.W, PREP_POS);
+  pl.off_dp = lay.take(a.B * pl.nchunk * a.C * 4);
+  pl.off_dpool = lay.take(a.B * a.C * 4);
+  const int64_t cblocks = cblocks_of(a);
+  pl.off_gg = lay.take(cblocks * a.B * a.H * a.W * (L + 1) * 4);
+  for (int l = 0; l < L; ++l) {
+    LevelPlan& g = pl.lv[l];
+    bool ok = false;
+    double best_cost = 0.0;
+    for (int th : kTileSides)
+      for (int tw : kTileSides) {
+        LevelPlan t;
+        if (!level_geom(t, a.ksize[l], a.H, a.W, th, tw)) continue;
+        const double c = level_cost(t, a.H, a.W);
+        if (!ok || c < best_cost) {
+          g = t;
+          best_cost = c;
+          ok = true;
+        }
+      }
+    if (!ok) throw std::runtime_error("focal_context_cuda: no tile of the backward kernel fits shared memory");
+    const int64_t tiles = a.B * g.ntiles;
+    g.nslots = (int)std::min<int64_t>(tiles, std::max<int64_t>(1, kTargetBlocks / cblocks));
+    pl.off_gw[l] = lay.take((int64_t)g.nslots * g.k * g.k * a.C * 4);
+  }
+  pl.bytes = lay.cur;
+  return pl;
+}
+
+// ------------------------------------------------------------------------------------------
+// validation, device, launches
+// ------------------------------------------------------------------------------------------
+void validate_shape(const FocalContextArgs& a) {
+  if (a.B < 1 || a.H < 1 || a.W < 1 || a.C < 1)
+    throw std::invalid_argument("focal_context_cuda: B, H, W, C must be >= 1");
+  if (a.H > (int64_t(1) << 30) || a.W > (int64_t(1) << 30))
+    throw std::invalid_argument("focal_context_cuda: H and W must be < 2^30");
+  if (a.L < 1 || a.L > kMaxLevels)
+    throw std::invalid_argument("focal_context_cuda: L must be in 1.." + std::to_string(kMaxLevels));
+  for (int l = 0; l < a.L; ++l) {
+    const int k = a.ksize[l];
+    if (k < 3 || k > KMAX_ALL || k % 2 == 0)
+      throw std::invalid_argument("focal_context_cuda: kernel size of level " + std::to_string(l) + " is " +
+                                  std::to_string(k) + " (odd 3..15 required)");
+  }
+  if (a.dtype != kFloat32 && a.dtype != kFloat16 && a.dtype != kBFloat16)
+    throw std::invalid_argument("focal_context_cuda: unknown dtype code " + std::to_string(a.dtype));
+}
+
+void require(uintptr_t p, const char* name) {
+  if (p == 0) throw std::invalid_argument(std::string("focal_context_cuda: null pointer for ") + name);
+}
+
+void check_workspace(const FocalContextArgs& a, int64_t need) {
+  if (need > 0) {
+    if (a.workspace == 0 || a.workspace_bytes < need)
+      throw std::invalid_argument("focal_context_cuda: workspace of " + std::to_string(a.workspace_bytes) +
+                                  " bytes given, " + std::to_string(need) + " needed");
+    if (a.workspace % 16 != 0) throw std::invalid_argument("focal_context_cuda: workspace must be 16-byte aligned");
+  }
+}
+
+void cuda_check(cudaError_t e, const std::string& what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error("focal_context_cuda: " + what + ": " + cudaGetErrorName(e) + ": " +
+                             cudaGetErrorString(e));
+}
+
+void check_launch(const std::string& kernel) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    throw std::runtime_error("focal_context_cuda: kernel " + kernel + " failed: " + cudaGetErrorName(e) + ": " +
+                             cudaGetErrorString(e));
+}
+
+void set_smem(const void* fn, int64_t bytes, const std::string& kernel) {
+  // Always the same value per kernel (the plan budget), so concurrent host threads cannot race.
+  if (bytes > 48 * 1024)
+    cuda_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemBudget),
+               "cudaFuncSetAttribute(" + kernel + ")");
+}
+
+unsigned grid_1d(int64_t n) {
+  const int64_t g = ceil_div(std::max<int64_t>(n, 1), NT);
+  return (unsigned)std::min<int64_t>(g, int64_t(1) << 20);
+}
+
+// The extension links its own (static) CUDA runtime, whose current device is independent of
+// torch's: make the device that owns ctx current for the duration of the call.
+struct DeviceGuard {
+  int prev = -1, dev = -1;
+  explicit DeviceGuard(uintptr_t ptr) {
+    cudaPointerAttributes attr{};
+    cuda_check(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)), "cudaPointerGetAttributes(ctx)");
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+      throw std::invalid_argument("focal_context_cuda: ctx is not CUDA device memory");
+    dev = attr.device;
+    cuda_check(cudaGetDevice(&prev), "cudaGetDevice");
+    if (prev != dev) cuda_check(cudaSetDevice(dev), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (prev >= 0 && prev != dev) cudaSetDevice(prev);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+};
+
+// 16-byte vector access of 8 channels is legal for every (b, h, w) and channel block?
+bool vec16(uintptr_t p, const std::array<int64_t, 4>& st, const int64_t (&sz)[4], int esz) {
+  if (p % 16 != 0) return false;
+  const int64_t ve = 16 / esz;
+  if (sz[3] > 1 && st[3] != 1) return false;
+  for (int d = 0; d < 3; ++d)
+    if (sz[d] > 1 && st[d] % ve != 0) return false;
+  return true;
+}
+
+std::string seg_name(const char* dt, const Segment& s, bool fwd) {
+  std::string n = std::string("fc_fused_kernel<") + dt + (s.spec >= 0 ? ", L=" : ", generic L=") +
+                  std::to_string(s.nl) + ", k=";
+  for (int j = 0; j < s.nl; ++j) n += (j ? "," : "") + std::to_string(s.k[j]);
+  n += fwd ? "> (forward)" : "> (backward recompute)";
+  return n;
+}
+
+template <typename T>
+void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, bool fwd, cudaStream_t st) {
+  const int64_t cblocks = cblocks_of(a);
+  P.B = a.B;
+  P.H = a.H;
+  P.W = a.W;
+  P.C = a.C;
+  P.L = a.L;
+  P.l0 = s.l0;
+  P.nl = s.nl;
+  for (int j = 0; j < 4; ++j) {
+    P.k[j] = s.k[j];
+    P.offW[j] = s.offW[j];
+    P.w[j] = j < s.nl ? reinterpret_cast<const float*>(a.weight[s.l0 + j]) : nullptr;
+  }
+  for (int j = 0; j < 5; ++j) {
+    P.R[j] = s.R[j];
+    P.pitch[j] = s.pitch[j];
+  }
+  P.TH = s.TH;
+  P.TW = s.TW;
+  P.accP = s.accP;
+  P.ntw = s.ntw;
+  P.ntiles = s.ntiles;
+  P.cblocks = (int)cblocks;
+  P.offA = s.offA;
+  P.offB = s.offB;
+  P.offG = s.offG;
+  P.offAcc = s.offAcc;
+  P.offRed = s.offRed;
+  P.fwd = fwd ? 1 : 0;
+  const std::string name = seg_name(dtype_name<T>(), s, fwd);
+  const int64_t nblk = a.B * (int64_t)s.ntiles * cblocks;
+  if (nblk > std::numeric_limits<int32_t>::max())
+    throw std::runtime_error("focal_context_cuda: " + name + ": grid too large");
+  const FusedFn fn = fused_fn<T>(s.spec);
+  set_smem(reinterpret_cast<const void*>(fn), s.smem, name);
+  FC_LAUNCH(fn, (unsigned)nblk, NT, (size_t)s.smem, st, P);
+  check_launch(name);
+}
+
+template <typename T>
+void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
+  const int64_t B = a.B, H = a.H, W = a.W, C = a.C;
+  const int L = a.L;
+  char* ws = reinterpret_cast<char*>(a.workspace);
+  const float scale = a.normalize ? 1.0f / (float)(L + 1) : 1.0f;
+  const int64_t sz[4] = {B, H, W, C};
+  const bool ctx_vec = vec16(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
+  const bool ws_vec = (C % 4 == 0) && (a.workspace % 16 == 0);
+  const bool out_vec = (a.out % 16 == 0) && (C % (int64_t)(16 / sizeof(T)) == 0);
+  float* X[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  for (int l = 0; l < 5; ++l)
+    if (pl.off_X[l] >= 0) X[l] = reinterpret_cast<float*>(ws + pl.off_X[l]);
+  float* acc = pl.off_acc >= 0 ? reinterpret_cast<float*>(ws + pl.off_acc) : nullptr;
+  float* pool_part = reinterpret_cast<float*>(ws + pl.off_pool);
+  float* gp = reinterpret_cast<float*>(ws + pl.off_gp);
+
+  for (const Segment& s : pl.segs) {
+    FusedParams P{};
+    if (s.l0 == 0) {
+      P.src = reinterpret_cast<const void*>(a.ctx);
+      for (int d = 0; d < 4; ++d) P.ss[d] = a.ctx_stride[d];
+      P.src_is_f32 = 0;
+      P.src_vec = ctx_vec;
+    } else {
+      P.src = X[s.l0];
+      P.ss[0] = H * W * C;
+      P.ss[1] = W * C;
+      P.ss[2] = C;
+      P.ss[3] = 1;
+      P.src_is_f32 = 1;
+      P.src_vec = ws_vec;
+    }
+    P.gates = reinterpret_cast<const void*>(a.gates);
+    for (int d = 0; d < 4; ++d) P.gs[d] = a.gates_stride[d];
+    const bool final_out = s.l0 + s.nl == L;
+    P.acc_in = s.l0 > 0;
+    P.acc_out = !final_out;
+    P.final_out = final_out;
+    P.acc_ws = acc;
+    P.ws_vec = ws_vec;
+    for (int l = 0; l < 5; ++l) P.X[l] = X[l];
+    P.xmask = final_out ? 0 : (1 << (s.nl - 1));
+    P.out = reinterpret_cast<void*>(a.out);
+    P.out_vec = out_vec;
+    P.pool_part = pool_part;
+    P.scale = scale;
+    launch_fused<T>(a, s, P, true, st);
+  }
+  FC_LAUNCH(fc_pool_finish_kernel, grid_1d(B * C), NT, 0, st, pool_part, pl.segs.back().ntiles, B, C,
+            1.0 / (double)(H * W), reinterpret_cast<float*>(a.pooled), gp);
+  check_launch("fc_pool_finish_kernel");
+  FC_LAUNCH(fc_fwd_epilogue_kernel<T>, grid_1d(B * H * W * cblocks_of(a)), NT, 0, st,
+      reinterpret_cast<T*>(a.out), B * H * W, H, W, C, reinterpret_cast<const T*>(a.gates), a.gates_stride[0],
+      a.gates_stride[1], a.gates_stride[2], a.gates_stride[3], L, gp, scale, out_vec ? 1 : 0);
+  check_launch(std::string("fc_fwd_epilogue_kernel<") + dtype_name<T>() + ">");
+}
+
+template <typename T>
+void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
+  const int64_t B = a.B, H = a.H, W = a.W, C = a.C;
+  const int L = a.L;
+  const int64_t cblocks = cblocks_of(a);
+  char* ws = reinterpret_cast<char*>(a.workspace);
+  const float scale = a.normalize ? 1.0f / (float)(L + 1) : 1.0f;
+  const int64_t sz[4] = {B, H, W, C};
+  const bool ctx_vec = vec16(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
+  const bool dout_vec = vec16(a.grad_out, a.grad_out_stride, sz, (int)sizeof(T));
+  const bool ws_vec = (C % 4 == 0) && (a.workspace % 16 == 0);
+  const bool gctx_vec = (a.grad_ctx % 16 == 0) && (C % (int64_t)(16 / sizeof(T)) == 0);
+  float* X[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  for (int l = 0; l < 5; ++l)
+    if (pl.off_X[l] >= 0) X[l] = reinterpret_cast<float*>(ws + pl.off_X[l]);
+  auto Dmap = [&](int l) -> float* {  // dx_l for 1 <= l <= L-1
+    const int i = (L == 2) ? 0 : (l & 1);
+    return reinterpret_cast<float*>(ws + pl.off_D[i]);
+  };
+  float* dp_part = reinterpret_cast<float*>(ws + pl.off_dp);
+  float* dpool = reinterpret_cast<float*>(ws + pl.off_dpool);
+  float* gg = reinterpret_cast<float*>(ws + pl.off_gg);
+
+  // 1. recompute x_1 .. x_{L-1} into the workspace
+  for (const Segment& s : pl.segs) {
+    FusedParams P{};
+    if (s.l0 == 0) {
+      P.src = reinterpret_cast<const void*>(a.ctx);
+      for (int d = 0; d < 4; ++d) P.ss[d] = a.ctx_stride[d];
+      P.src_is_f32 = 0;
+      P.src_vec = ctx_vec;
+    } else {
+      P.src = X[s.l0];
+      P.ss[0] = H * W * C;
+      P.ss[1] = W * C;
+      P.ss[2] = C;
+      P.ss[3] = 1;
+      P.src_is_f32 = 1;
+      P.src_vec = ws_vec;
+    }
+    P.gates = reinterpret_cast<const void*>(a.gates);
+    for (int d = 0; d < 4; ++d) P.gs[d] = a.gates_stride[d];
+    P.ws_vec = ws_vec;
+    for (int l = 0; l < 5; ++l) P.X[l] = X[l];
+    P.xmask = (1 << s.nl) - 1;
+    P.scale = scale;
+    launch_fused<T>(a, s, P, false, st);
+  }
+
+  // 2. level-independent partials, dpool
+  {
+    PrepParams Q{};
+    Q.B = B;
+    Q.H = H;
+    Q.W = W;
+    Q.C = C;
+    Q.L = L;
+    Q.cblocks = (int)cblocks;
+    Q.nchunk = pl.nchunk;
+    Q.dout = reinterpret_cast<const void*>(a.grad_out);
+    for (int d = 0; d < 4; ++d) Q.ds[d] = a.grad_out_stride[d];
+    Q.gates = reinterpret_cast<const void*>(a.gates);
+    for (int d = 0; d < 4; ++d) Q.gs[d] = a.gates_stride[d];
+    Q.pooled = reinterpret_cast<const float*>(a.pooled);
+    Q.gg = gg;
+    Q.dp_part = dp_part;
+    const int64_t nblk = B * pl.nchunk * cblocks;
+    if (nblk > std::numeric_limits<int32_t>::max())
+      throw std::runtime_error("focal_context_cuda: fc_bwd_prep_kernel: grid too large");
+    FC_LAUNCH(fc_bwd_prep_kernel<T>, (unsigned)nblk, NT, NT * sizeof(float), st, Q);
+    check_launch(std::string("fc_bwd_prep_kernel<") + dtype_name<T>() + ">");
+    FC_LAUNCH(fc_dpool_finish_kernel, grid_1d(B * C), NT, 0, st, dp_part, pl.nchunk, B, C,
+              reinterpret_cast<const float*>(a.pooled), scale, 1.0 / (double)(H * W), dpool);
+    check_launch("fc_dpool_finish_kernel");
+  }
+
+  // 3. levels L-1 .. 0
+  for (int l = L - 1; l >= 0; --l) {
+    const LevelPlan& g = pl.lv[l];
+    LevelBwdParams P{};
+    P.B = B;
+    P.H = H;
+    P.W = W;
+    P.C = C;
+    P.L = L;
+    P.l = l;
+    P.TH = g.TH;
+    P.TW = g.TW;
+    P.accP = g.accP;
+    P.ntw = g.ntw;
+    P.ntiles = g.ntiles;
+    P.cblocks = (int)cblocks;
+    P.nslots = g.nslots;
+    P.pX = g.pX;
+    P.pZ = g.pZ;
+    P.offX = g.offX;
+    P.offZ = g.offZ;
+    P.offW = g.offW;
+    P.offD = g.offD;
+    P.offGp = g.offGp;
+    if (l == 0) {
+      P.xsrc = reinterpret_cast<const void*>(a.ctx);
+      for (int d = 0; d < 4; ++d) P.xs[d] = a.ctx_stride[d];
+      P.x_is_f32 = 0;
+      P.x_vec = ctx_vec;
+    } else {
+      P.xsrc = X[l];
+      P.xs[0] = H * W * C;
+      P.xs[1] = W * C;
+      P.xs[2] = C;
+      P.xs[3] = 1;
+      P.x_is_f32 = 1;
+      P.x_vec = ws_vec;
+    }
+    P.dx_in = (l < L - 1) ? Dmap(l + 1) : nullptr;
+    P.ws_vec = ws_vec;
+    P.dout = reinterpret_cast<const void*>(a.grad_out);
+    for (int d = 0; d < 4; ++d) P.ds[d] = a.grad_out_stride[d];
+    P.dout_vec = dout_vec;
+    P.gates = reinterpret_cast<const void*>(a.gates);
+    for (int d = 0; d < 4; ++d) P.gs[d] = a.gates_stride[d];
+    P.dpool = dpool;
+    P.w = reinterpret_cast<const float*>(a.weight[l]);
+    if (l == 0) {
+      P.dx_out = reinterpret_cast<void*>(a.grad_ctx);
+      P.out_vec = gctx_vec;
+    } else {
+      P.dx_out = Dmap(l);
+      P.out_vec = ws_vec;
+    }
+    P.gg = gg;
+    P.gw_part = reinterpret_cast<float*>(ws + pl.off_gw[l]);
+    P.scale = scale;
+    const std::string name = std::string("fc_bwd_level_kernel<") + dtype_name<T>() + ", k=" + std::to_string(g.k) +
+                             "> (level " + std::to_string(l) + ")";
+    const int64_t nblk = (int64_t)g.nslots * cblocks;
+    if (nblk > std::numeric_limits<int32_t>::max())
+      throw std::runtime_error("focal_context_cuda: " + name + ": grid too large");
+    const LevelFn fn = level_fn<T>(g.k);
+    set_smem(reinterpret_cast<const void*>(fn), g.smem, name);
+    FC_LAUNCH(fn, (unsigned)nblk, NT, (size_t)g.smem, st, P);
+    check_launch(name);
+  }
+
+  // 4. fixed-order reductions of the partials
+  const int64_t ng = B * H * W * (L + 1);
+  FC_LAUNCH(fc_gates_finish_kernel<T>, grid_1d(ng), NT, 0, st, gg, (int)cblocks, ng, scale,
+            reinterpret_cast<T*>(a.grad_gates));
+  check_launch(std::string("fc_gates_finish_kernel<") + dtype_name<T>() + ">");
+  for (int l = 0; l < L; ++l) {
+    const LevelPlan& g = pl.lv[l];
+    FC_LAUNCH(fc_gw_finish_kernel, grid_1d((int64_t)g.k * g.k * C), NT, 0, st,
+        reinterpret_cast<const float*>(ws + pl.off_gw[l]), g.nslots, g.k * g.k, C,
+        reinterpret_cast<float*>(a.grad_weight[l]));
+    check_launch("fc_gw_finish_kernel (level " + std::to_string(l) + ")");
+  }
+}
+
+}  // namespace
+
+int64_t focal_context_workspace_bytes_cuda(const FocalContextArgs& a, bool backward) {
+  validate_shape(a);
+  return backward ? plan_bwd(a).bytes : plan_fwd(a).bytes;
+}
+
+void focal_context_fwd_cuda(const FocalContextArgs& a) {
+  validate_shape(a);
+  require(a.ctx, "ctx");
+  require(a.gates, "gates");
+  require(a.out, "out");
+  require(a.pooled, "pooled");
+  for (int l = 0; l < a.L; ++l) require(a.weight[l], "weight");
+  const FwdPlan pl = plan_fwd(a);
+  check_workspace(a, pl.bytes);
+  DeviceGuard guard(a.ctx);
+  (void)cudaGetLastError();  // do not blame our first launch for an earlier, unrelated error
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(a.stream);
+  switch (a.dtype) {
+    case kFloat32: run_fwd<float>(a, pl, st); break;
+    case kFloat16: run_fwd<__half>(a, pl, st); break;
+    default: run_fwd<__nv_bfloat16>(a, pl, st); break;
+  }
+}
+
+void focal_context_bwd_cuda(const FocalContextArgs& a) {
+  validate_shape(a);
+  require(a.ctx, "ctx");
+  require(a.gates, "gates");
+  require(a.pooled, "pooled");
+  require(a.grad_out, "grad_out");
+  require(a.grad_ctx, "grad_ctx");
+  require(a.grad_gates, "grad_gates");
+  for (int l = 0; l < a.L; ++l) {
+    require(a.weight[l], "weight");
+    require(a.grad_weight[l], "grad_weight");
+  }
+  const BwdPlan pl = plan_bwd(a);
+  check_workspace(a, pl.bytes);
+  DeviceGuard guard(a.ctx);
+  (void)cudaGetLastError();
+  const cudaStream_t st = reinterpret_cast<cudaStream_t>(a.stream);
+  switch (a.dtype) {
+    case kFloat32: run_bwd<float>(a, pl, st); break;
+    case kFloat16: run_bwd<__half>(a, pl, st); break;
+    default: run_bwd<__nv_bfloat16>(a, pl, st); break;
+  }
+}
+
+}  // namespace focalnet

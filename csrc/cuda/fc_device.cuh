@@ -1,0 +1,220 @@
+// Device helpers of the CUDA focal-context backend: constants, GELU, dtype conversion, 8-channel
+// vector loads/stores and the register-blocked depthwise-conv step that every kernel uses.
+//
+// Shared-memory maps hold fp32 values in the layout [row][pitch][CB]: CB = 8 channels of one
+// position are contiguous, so a warp of 32 lanes = 4 groups of 8 channels. The 4 groups of a warp
+// always work on 4 consecutive rows of the same columns and every pitch is odd, so the 32 lanes hit
+// 32 different banks (offset between groups = 8 * pitch * d words, d = 1..3, distinct mod 32).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+// FC_DYN_SMEM / FC_LAUNCH let a CPU emulation harness (threads + barriers, used to execute these
+// kernels where no GPU exists) compile the very same source; with nvcc they are the usual forms.
+#ifndef FC_EMULATION
+#define FC_DYN_SMEM(name)                   \
+  extern __shared__ float4 fc_smem_f4[]; \
+  float* name = reinterpret_cast<float*>(fc_smem_f4)
+#define FC_LAUNCH(fn, grid, block, smem, stream, ...) fn<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#define FC_CHECK_ALIGN16(ptr) ((void)0)
+#endif
+
+namespace focalnet {
+namespace fcc {
+
+constexpr int CB = 8;             // channels per block (one 16-byte fp16/bf16 vector)
+constexpr int NT = 256;           // threads per block
+constexpr int NWARP = NT / 32;    // 8 warps
+constexpr int GPW = 32 / CB;      // channel groups per warp (4)
+constexpr int NGRP = NT / CB;     // channel groups per block (32)
+constexpr int KMAX_ALL = 15;      // largest kernel size of the contract
+
+// Outputs computed per thread and item along the row (register blocking of the conv).
+__host__ __device__ constexpr int vblock(int kmax) { return kmax <= 3 ? 4 : 8; }
+
+// ------------------------------------------------------------------------------------------
+// math (exact erf GELU, written as the contract writes it so NaN/Inf behave the same)
+// ------------------------------------------------------------------------------------------
+__device__ __forceinline__ float gelu_f(float x) {
+  return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f));
+}
+__device__ __forceinline__ float gelu_grad_f(float z) {
+  return 0.5f * (1.0f + erff(z * 0.70710678118654752440f)) +
+         z * expf(-0.5f * z * z) * 0.39894228040143267794f;
+}
+
+// ------------------------------------------------------------------------------------------
+// dtype conversion
+// ------------------------------------------------------------------------------------------
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float2 unpack2(uint32_t u, const __half*) {
+  __half2 h;
+  memcpy(&h, &u, 4);
+  return __half22float2(h);
+}
+__device__ __forceinline__ float2 unpack2(uint32_t u, const __nv_bfloat16*) {
+  __nv_bfloat162 h;
+  memcpy(&h, &u, 4);
+  return __bfloat1622float2(h);
+}
+__device__ __forceinline__ uint32_t pack2(float a, float b, const __half*) {
+  const __half2 h = __floats2half2_rn(a, b);
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
+}
+__device__ __forceinline__ uint32_t pack2(float a, float b, const __nv_bfloat16*) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  uint32_t u;
+  memcpy(&u, &h, 4);
+  return u;
+}
+
+// ------------------------------------------------------------------------------------------
+// 8 channels of one position. `vec` (block-uniform) promises: channel stride 1, all 8 channels
+// valid, and p + off 16-byte aligned (checked on the host for base pointer and strides).
+// Channels >= nvalid read as 0 on the scalar path.
+// ------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, int64_t off, int64_t sc, int nvalid,
+                                      bool vec, float (&v)[8]) {
+  if (vec) {
+    FC_CHECK_ALIGN16(p + off);
+    if constexpr (sizeof(T) == 4) {
+      const float4 a = *reinterpret_cast<const float4*>(p + off);
+      const float4 b = *reinterpret_cast<const float4*>(p + off + 4);
+      v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+      v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else {
+      const uint4 u = *reinterpret_cast<const uint4*>(p + off);
+      const float2 f0 = unpack2(u.x, p), f1 = unpack2(u.y, p), f2 = unpack2(u.z, p), f3 = unpack2(u.w, p);
+      v[0] = f0.x; v[1] = f0.y; v[2] = f1.x; v[3] = f1.y;
+      v[4] = f2.x; v[5] = f2.y; v[6] = f3.x; v[7] = f3.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = (i < nvalid) ? to_f<T>(p[off + i * sc]) : 0.f;
+  }
+}
+
+// Contiguous channels (outputs and workspace maps are always channel-contiguous).
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, int64_t off, int nvalid, bool vec, const float (&v)[8]) {
+  if (vec) {
+    FC_CHECK_ALIGN16(p + off);
+    if constexpr (sizeof(T) == 4) {
+      *reinterpret_cast<float4*>(p + off) = make_float4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<float4*>(p + off + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+      uint4 u;
+      u.x = pack2(v[0], v[1], p);
+      u.y = pack2(v[2], v[3], p);
+      u.z = pack2(v[4], v[5], p);
+      u.w = pack2(v[6], v[7], p);
+      *reinterpret_cast<uint4*>(p + off) = u;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < nvalid) p[off + i] = from_f<T>(v[i]);
+  }
+}
+
+__device__ __forceinline__ void sm_store8(float* d, const float (&v)[8]) {
+  FC_CHECK_ALIGN16(d);
+  reinterpret_cast<float4*>(d)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(d)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+__device__ __forceinline__ void sm_load8(const float* s, float (&v)[8]) {
+  FC_CHECK_ALIGN16(s);
+  const float4 a = reinterpret_cast<const float4*>(s)[0];
+  const float4 b = reinterpret_cast<const float4*>(s)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+// A 4-D tensor view in elements, (B, H, W, C) order.
+struct View4 {
+  const void* p;
+  int64_t s[4];
+};
+
+// Loads rows x cols positions (image origin gh0, gw0) of channels [c0, c0+8) of image b into a
+// shared map with the given pitch; positions outside the image (and channels >= nvalid) are 0.
+template <typename E>
+__device__ __forceinline__ void load_region(float* __restrict__ buf, int pitch, int rows, int cols, int gh0,
+                                            int gw0, const E* __restrict__ src, const int64_t (&st)[4],
+                                            int64_t b, int64_t c0, int nvalid, bool vec, int H, int W) {
+  const int n = rows * cols;
+  const int64_t base = b * st[0] + c0 * st[3];
+  for (int idx = threadIdx.x; idx < n; idx += NT) {
+    const int r = idx / cols;
+    const int s = idx - r * cols;
+    const int gh = gh0 + r, gw = gw0 + s;
+    float v[8];
+    if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
+      load8<E>(src, base + (int64_t)gh * st[1] + (int64_t)gw * st[2], st[3], nvalid, vec, v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    }
+    sm_store8(buf + (r * pitch + s) * CB, v);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// One conv item: V consecutive outputs (columns s0 .. s0+V-1) of output row r of one channel:
+//   acc[v] = sum_{i,j<k} w[i][j] * src[r+i][s0+v+j]          (FLIP: w[k-1-i][k-1-j])
+// src and wt are already offset by the lane's channel; wt layout [tap][CB]. KFIX: k == KMAX at
+// compile time; otherwise k <= KMAX is a runtime value (block-uniform) and the unrolled j loop is
+// predicated. The caller guarantees columns up to s0 + V + k - 2 and rows up to r + k - 1 lie
+// inside the buffer (pitch >= nchunk*V + k - 1); results for columns past the region are unused.
+// ------------------------------------------------------------------------------------------
+template <int KMAX, bool KFIX, int V, bool FLIP>
+__device__ __forceinline__ void conv_row(const float* __restrict__ src, int sp, const float* __restrict__ wt,
+                                         int k, int i, int r, int s0, float (&acc)[V]) {
+  const float* row = src + ((r + i) * sp + s0) * CB;
+  float xr[V + KMAX - 1];
+#pragma unroll
+  for (int t = 0; t < V + KMAX - 1; ++t) xr[t] = (KFIX || t < V + k - 1) ? row[t * CB] : 0.f;
+  const int wi = FLIP ? (k - 1 - i) : i;
+#pragma unroll
+  for (int j = 0; j < KMAX; ++j) {
+    if (KFIX || j < k) {
+      const int wj = FLIP ? (k - 1 - j) : j;
+      const float w = wt[(wi * k + wj) * CB];
+#pragma unroll
+      for (int v = 0; v < V; ++v) acc[v] = fmaf(w, xr[v + j], acc[v]);
+    }
+  }
+}
+
+template <int KMAX, bool KFIX, int V, bool FLIP>
+__device__ __forceinline__ void conv_item(const float* __restrict__ src, int sp, const float* __restrict__ wt,
+                                          int k, int r, int s0, float (&acc)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) acc[v] = 0.f;
+  if constexpr (KFIX) {
+#pragma unroll
+    for (int i = 0; i < KMAX; ++i) conv_row<KMAX, true, V, FLIP>(src, sp, wt, KMAX, i, r, s0, acc);
+  } else {
+    for (int i = 0; i < k; ++i) conv_row<KMAX, false, V, FLIP>(src, sp, wt, k, i, r, s0, acc);
+  }
+}
+
+}  // namespace fcc
+}  // namespace focalnet

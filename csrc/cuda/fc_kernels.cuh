@@ -1,0 +1,632 @@
+// Kernels of the CUDA focal-context backend (included by focal_context_cuda.cu only).
+//
+// Forward:  fc_fused_kernel (one launch per level segment; usually one segment = all levels)
+//           -> fc_pool_finish_kernel -> fc_fwd_epilogue_kernel.
+// Backward: fc_fused_kernel in recompute mode (x_1..x_{L-1} into the workspace, L >= 2)
+//           -> fc_bwd_prep_kernel -> fc_dpool_finish_kernel
+//           -> fc_bwd_level_kernel for l = L-1 .. 0 -> fc_gates_finish_kernel, fc_gw_finish_kernel.
+// Every reduction is two-stage with a fixed order (no atomics): results are bit-reproducible.
+#pragma once
+
+#include "fc_device.cuh"
+
+namespace focalnet {
+namespace fcc {
+
+// ==========================================================================================
+// Fused multi-level forward over one segment [l0, l0+nl) of levels.
+//
+// Block = (image b, spatial tile TH x TW, 8 channels). The tile plus the segment halo
+// R[0] = sum_j k_j/2 of x_{l0} is staged once in shared memory (fp32, zero outside the image);
+// level j is then computed from shared memory on the region tile + R[j+1] (shrinking), its
+// out-of-image positions set to 0 (zero padding of the next level, never recomputed values),
+// and written to the other ping-pong buffer. At tile positions the gated sum is accumulated in
+// shared memory (forward) and/or the level is stored to the workspace (segment boundary, or
+// recompute mode for the backward).
+// ==========================================================================================
+struct FusedParams {
+  int64_t B, H, W, C;
+  int L, l0, nl;
+  int k[4];
+  int R[5];          // R[j]: halo of the buffer holding x_{l0+j}; R[nl] = 0
+  int pitch[5];      // pitch (positions) of the buffer holding x_{l0+j}, odd
+  int TH, TW, accP, ntw, ntiles, cblocks;
+  int offA, offB, offW[4], offG, offAcc, offRed;   // shared-memory offsets in floats
+  const void* src;   // x_{l0}: ctx (dtype T, any strides) when src_is_f32 == 0, else fp32 workspace map
+  int64_t ss[4];
+  int src_is_f32, src_vec;
+  const void* gates;
+  int64_t gs[4];
+  const float* w[4]; // weights of the segment's levels, [C][k][k]
+  int fwd;           // 1: forward (gated sum, out, pooled partials); 0: recompute (store levels only)
+  int acc_in, acc_out, final_out;
+  float* acc_ws;     // fp32 contiguous B x H x W x C running gated sum (multi-segment forward)
+  int ws_vec;        // fp32 contiguous workspace maps allow 16-byte access (C % 4 == 0)
+  float* X[5];       // X[l]: fp32 contiguous map of level l (1 <= l <= L-1), where needed
+  int xmask;         // bit j: store x_{l0+j+1} into X[l0+j+1]
+  void* out;
+  int out_vec;
+  float* pool_part;  // [B][ntiles][C]
+  float scale;
+};
+
+template <typename T, int KMAX, bool KFIX>
+__device__ __forceinline__ void fused_level(const FusedParams& P, float* sm, int j, int k, bool keep, int64_t b,
+                                            int h0, int w0, int64_t c0, int nvalid, float& psum) {
+  constexpr int V = vblock(KMAX);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int c = threadIdx.x & (CB - 1);
+  const int g4 = lane / CB;
+  const int H = (int)P.H, W = (int)P.W, TH = P.TH, TW = P.TW, accP = P.accP;
+  const float* src = sm + ((j & 1) ? P.offB : P.offA);
+  float* dst = sm + ((j & 1) ? P.offA : P.offB);
+  const int sp = P.pitch[j], dp = P.pitch[j + 1];
+  const int Ro = P.R[j + 1];
+  const int orows = TH + 2 * Ro, ocols = TW + 2 * Ro;
+  const int nchunk = (ocols + V - 1) / V;
+  const int nitems = ((orows + GPW - 1) / GPW) * nchunk;
+  const int gl = P.l0 + j;  // this conv is level gl; its output is x_{gl+1}
+  const bool last_global = (gl == P.L - 1);
+  const bool fwd = P.fwd != 0;
+  float* Xo = ((P.xmask >> j) & 1) ? P.X[gl + 1] : nullptr;
+  const float* wt = sm + P.offW[j] + c;
+  float* acc_s = sm + P.offAcc;
+  const float* g_s = sm + P.offG + j * TH * accP;
+  for (int it = warp; it < nitems; it += NWARP) {
+    const int rq = it / nchunk;
+    const int ch = it - rq * nchunk;
+    const int r = rq * GPW + g4;
+    const int rr = min(r, orows - 1);
+    const int s0 = ch * V;
+    float a[V];
+    conv_item<KMAX, KFIX, V, false>(src + c, sp, wt, k, rr, s0, a);
+    if (r < orows) {
+      const int gh = h0 - Ro + r;
+      const bool hin = gh >= 0 && gh < H;
+      const int ti = r - Ro;
+      const bool tin = ti >= 0 && ti < TH;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const int s = s0 + v;
+        if (s < ocols) {
+          const int gw = w0 - Ro + s;
+          const bool in = hin && gw >= 0 && gw < W;
+          const float x = in ? gelu_f(a[v]) : 0.f;
+          if (keep) dst[(r * dp + s) * CB + c] = x;
+          const int tj = s - Ro;
+          if (in && tin && tj >= 0 && tj < TW) {
+            if (fwd) {
+              const int q = ti * accP + tj;
+              acc_s[q * CB + c] += g_s[q] * x;
+              if (last_global) psum += x;
+            }
+            if (Xo != nullptr && c < nvalid)
+              Xo[(((int64_t)b * P.H + gh) * P.W + gw) * P.C + c0 + c] = x;
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T, int LC, int K0, int K1, int K2, int K3>
+__global__ void __launch_bounds__(NT, 2) fc_fused_kernel(const FusedParams P) {
+  FC_DYN_SMEM(sm);
+  const int tid = threadIdx.x;
+  int64_t bid = blockIdx.x;
+  const int cb = (int)(bid % P.cblocks);
+  bid /= P.cblocks;
+  const int tile = (int)(bid % P.ntiles);
+  const int64_t b = bid / P.ntiles;
+  const int TH = P.TH, TW = P.TW, accP = P.accP;
+  const int h0 = (tile / P.ntw) * TH, w0 = (tile % P.ntw) * TW;
+  const int64_t c0 = (int64_t)cb * CB;
+  const int nvalid = (int)((P.C - c0) < CB ? (P.C - c0) : CB);
+  const int nl = LC > 0 ? LC : P.nl;
+  const int H = (int)P.H, W = (int)P.W;
+  const int tpos = TH * TW;
+
+  // weights of the segment, transposed to [tap][CB]; channels >= nvalid are 0
+  for (int j = 0; j < nl; ++j) {
+    const int kk = P.k[j] * P.k[j];
+    float* wd = sm + P.offW[j];
+    const float* wsrc = P.w[j];
+    for (int idx = tid; idx < kk * CB; idx += NT) {
+      const int tap = idx / CB, cc = idx - tap * CB;
+      wd[idx] = (cc < nvalid) ? wsrc[(c0 + cc) * kk + tap] : 0.f;
+    }
+  }
+  if (P.fwd) {
+    const T* gp = static_cast<const T*>(P.gates);
+    float* g_s = sm + P.offG;
+    for (int idx = tid; idx < nl * tpos; idx += NT) {
+      const int j = idx / tpos, pos = idx - j * tpos;
+      const int ti = pos / TW, tj = pos - ti * TW;
+      const int gh = h0 + ti, gw = w0 + tj;
+      float g = 0.f;
+      if (gh < H && gw < W)
+        g = to_f<T>(gp[b * P.gs[0] + (int64_t)gh * P.gs[1] + (int64_t)gw * P.gs[2] + (int64_t)(P.l0 + j) * P.gs[3]]);
+      g_s[j * TH * accP + ti * accP + tj] = g;
+    }
+    float* acc_s = sm + P.offAcc;
+    const bool wvec = P.ws_vec && nvalid == CB;
+    for (int pos = tid; pos < tpos; pos += NT) {
+      const int ti = pos / TW, tj = pos - ti * TW;
+      const int gh = h0 + ti, gw = w0 + tj;
+      float v[8];
+      if (P.acc_in && gh < H && gw < W) {
+        load8<float>(P.acc_ws, ((b * P.H + gh) * P.W + gw) * P.C + c0, 1, nvalid, wvec, v);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = 0.f;
+      }
+      sm_store8(acc_s + (ti * accP + tj) * CB, v);
+    }
+  }
+  {
+    const int R0 = P.R[0];
+    const int rows = TH + 2 * R0, cols = TW + 2 * R0;
+    const bool vec = P.src_vec && nvalid == CB;
+    if (P.src_is_f32)
+      load_region<float>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0, static_cast<const float*>(P.src),
+                         P.ss, b, c0, nvalid, vec, H, W);
+    else
+      load_region<T>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0, static_cast<const T*>(P.src), P.ss, b,
+                     c0, nvalid, vec, H, W);
+  }
+  __syncthreads();
+
+  float psum = 0.f;
+  if constexpr (LC == 0) {
+    for (int j = 0; j < nl; ++j)
+      fused_level<T, KMAX_ALL, false>(P, sm, j, P.k[j], j < nl - 1, b, h0, w0, c0, nvalid, psum);
+  } else {
+    fused_level<T, K0, true>(P, sm, 0, K0, LC > 1, b, h0, w0, c0, nvalid, psum);
+    if constexpr (LC > 1) fused_level<T, K1, true>(P, sm, 1, K1, LC > 2, b, h0, w0, c0, nvalid, psum);
+    if constexpr (LC > 2) fused_level<T, K2, true>(P, sm, 2, K2, LC > 3, b, h0, w0, c0, nvalid, psum);
+    if constexpr (LC > 3) fused_level<T, K3, true>(P, sm, 3, K3, false, b, h0, w0, c0, nvalid, psum);
+  }
+
+  if (!P.fwd) return;
+  if (P.final_out) {
+    // pooled partial of this tile: per channel, groups summed in a fixed order
+    float* red = sm + P.offRed;
+    red[tid] = psum;
+    __syncthreads();
+    if (tid < nvalid) {
+      float t = 0.f;
+      for (int g = 0; g < NGRP; ++g) t += red[g * CB + tid];
+      P.pool_part[(b * P.ntiles + tile) * P.C + c0 + tid] = t;
+    }
+  }
+  const float* acc_s = sm + P.offAcc;
+  for (int pos = tid; pos < tpos; pos += NT) {
+    const int ti = pos / TW, tj = pos - ti * TW;
+    const int gh = h0 + ti, gw = w0 + tj;
+    if (gh >= H || gw >= W) continue;
+    float v[8];
+    sm_load8(acc_s + (ti * accP + tj) * CB, v);
+    const int64_t off = ((b * P.H + gh) * P.W + gw) * P.C + c0;
+    if (P.final_out) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] *= P.scale;
+      store8<T>(static_cast<T*>(P.out), off, nvalid, P.out_vec && nvalid == CB, v);
+    } else {
+      store8<float>(P.acc_ws, off, nvalid, P.ws_vec && nvalid == CB, v);
+    }
+  }
+}
+
+// pooled[b,c] = sum of the tile partials (fixed order, fp64) / (H*W); gp = GELU(pooled)
+__global__ void __launch_bounds__(NT) fc_pool_finish_kernel(const float* __restrict__ part, int ntiles, int64_t B,
+                                                             int64_t C, double inv_hw, float* __restrict__ pooled,
+                                                             float* __restrict__ gp) {
+  const int64_t n = B * C;
+  for (int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * NT) {
+    const int64_t b = idx / C, c = idx - b * C;
+    double s = 0.0;
+    for (int t = 0; t < ntiles; ++t) s += (double)part[(b * ntiles + t) * C + c];
+    const float m = (float)(s * inv_hw);
+    pooled[idx] = m;
+    gp[idx] = gelu_f(m);
+  }
+}
+
+// out[b,h,w,c] += scale * g[b,h,w,L] * GELU(pooled[b,c]); one thread per (position, 8 channels)
+template <typename T>
+__global__ void __launch_bounds__(NT) fc_fwd_epilogue_kernel(T* __restrict__ out, int64_t npos, int64_t H, int64_t W,
+                                                              int64_t C, const T* __restrict__ gates, int64_t gs0,
+                                                              int64_t gs1, int64_t gs2, int64_t gs3, int L,
+                                                              const float* __restrict__ gp, float scale, int vec) {
+  const int64_t nch = (C + CB - 1) / CB;
+  const int64_t n = npos * nch;
+  const int64_t HW = H * W;
+  for (int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * NT) {
+    const int64_t pos = idx / nch, ch = idx - pos * nch;
+    const int64_t c0 = ch * CB;
+    const int nvalid = (int)((C - c0) < CB ? (C - c0) : CB);
+    const int64_t b = pos / HW, hw = pos - b * HW;
+    const int64_t h = hw / W, w = hw - h * W;
+    const float g = scale * to_f<T>(gates[b * gs0 + h * gs1 + w * gs2 + (int64_t)L * gs3]);
+    float v[8];
+    const int64_t off = pos * C + c0;
+    const bool vv = vec && nvalid == CB;
+    load8<T>(out, off, 1, nvalid, vv, v);
+    const float* gpp = gp + b * C + c0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < nvalid) v[i] = fmaf(g, gpp[i], v[i]);
+    store8<T>(out, off, nvalid, vv, v);
+  }
+}
+
+// ==========================================================================================
+// Backward preparation (level independent), block = (image, 256 positions, 8 channels):
+//   dp_part[b][chunk][c]        = sum_{positions} dout * g_L               (for dpool)
+//   gg[cb][b,h,w][L]            = sum_{c in block} dout * GELU(pooled)     (global gate partial)
+// ==========================================================================================
+constexpr int PREP_POS = 256;
+
+struct PrepParams {
+  int64_t B, H, W, C;
+  int L, cblocks;
+  int64_t nchunk;
+  const void* dout;
+  int64_t ds[4];
+  const void* gates;
+  int64_t gs[4];
+  const float* pooled;
+  float* gg;
+  float* dp_part;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
+  FC_DYN_SMEM(red);  // NT floats
+  const int tid = threadIdx.x;
+  const int c = tid & (CB - 1), grp = tid / CB;
+  int64_t bid = blockIdx.x;
+  const int cb = (int)(bid % P.cblocks);
+  bid /= P.cblocks;
+  const int64_t chunk = bid % P.nchunk;
+  const int64_t b = bid / P.nchunk;
+  const int64_t c0 = (int64_t)cb * CB;
+  const int nvalid = (int)((P.C - c0) < CB ? (P.C - c0) : CB);
+  const int64_t HW = P.H * P.W;
+  const int64_t BHW = P.B * HW;
+  const T* dout = static_cast<const T*>(P.dout);
+  const T* gates = static_cast<const T*>(P.gates);
+  const float G = (c < nvalid) ? gelu_f(P.pooled[b * P.C + c0 + c]) : 0.f;
+  float dsum = 0.f;
+#pragma unroll 1
+  for (int m = 0; m < PREP_POS / NGRP; ++m) {
+    const int64_t q = chunk * PREP_POS + m * NGRP + grp;
+    const bool valid = q < HW;
+    float d = 0.f, gl = 0.f;
+    if (valid) {
+      const int64_t h = q / P.W, w = q - h * P.W;
+      if (c < nvalid) d = to_f<T>(dout[b * P.ds[0] + h * P.ds[1] + w * P.ds[2] + (c0 + c) * P.ds[3]]);
+      gl = to_f<T>(gates[b * P.gs[0] + h * P.gs[1] + w * P.gs[2] + (int64_t)P.L * P.gs[3]]);
+    }
+    if (valid) dsum = fmaf(d, gl, dsum);
+    float prod = d * G;
+    prod += __shfl_xor_sync(0xffffffffu, prod, 4);
+    prod += __shfl_xor_sync(0xffffffffu, prod, 2);
+    prod += __shfl_xor_sync(0xffffffffu, prod, 1);
+    if (valid && c == 0) P.gg[((int64_t)cb * BHW + b * HW + q) * (P.L + 1) + P.L] = prod;
+  }
+  red[tid] = dsum;
+  __syncthreads();
+  if (tid < nvalid) {
+    float t = 0.f;
+    for (int g = 0; g < NGRP; ++g) t += red[g * CB + tid];
+    P.dp_part[(b * P.nchunk + chunk) * P.C + c0 + tid] = t;
+  }
+}
+
+// dpoolHW[b,c] = GELU'(pooled) * scale * sum_chunks(dp_part) / (H*W)
+__global__ void __launch_bounds__(NT) fc_dpool_finish_kernel(const float* __restrict__ part, int64_t nchunk,
+                                                              int64_t B, int64_t C, const float* __restrict__ pooled,
+                                                              float scale, double inv_hw, float* __restrict__ dpool) {
+  const int64_t n = B * C;
+  for (int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * NT) {
+    const int64_t b = idx / C, c = idx - b * C;
+    double s = 0.0;
+    for (int64_t t = 0; t < nchunk; ++t) s += (double)part[(b * nchunk + t) * C + c];
+    dpool[idx] = (float)((double)(gelu_grad_f(pooled[idx]) * scale) * s * inv_hw);
+  }
+}
+
+// grad_gates[pos][l] = scale * sum_cb gg[cb][pos][l]   (fixed order)
+template <typename T>
+__global__ void __launch_bounds__(NT) fc_gates_finish_kernel(const float* __restrict__ gg, int cblocks, int64_t n,
+                                                              float scale, T* __restrict__ grad_gates) {
+  for (int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * NT) {
+    double s = 0.0;
+    for (int cb = 0; cb < cblocks; ++cb) s += (double)gg[(int64_t)cb * n + idx];
+    grad_gates[idx] = from_f<T>(scale * (float)s);
+  }
+}
+
+// grad_w[c][tap] = sum_slots part[slot][tap][c]   (fixed order)
+__global__ void __launch_bounds__(NT) fc_gw_finish_kernel(const float* __restrict__ part, int nslots, int KK,
+                                                           int64_t C, float* __restrict__ grad_w) {
+  const int64_t n = (int64_t)KK * C;
+  for (int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * NT) {
+    const int64_t tap = idx / C, c = idx - tap * C;
+    double s = 0.0;
+    for (int sl = 0; sl < nslots; ++sl) s += (double)part[((int64_t)sl * KK + tap) * C + c];
+    grad_w[c * KK + tap] = (float)s;
+  }
+}
+
+// ==========================================================================================
+// Backward of one level l (staged, recomputing), block = (slot, 8 channels); a slot walks the
+// tiles slot, slot + nslots, ... of all images. Per tile:
+//   x_l on tile + 2p (ctx or workspace)           -> z_l on tile + p (recomputed in shared memory)
+//   dx_{l+1} on tile + p (workspace, or from dout/gates/dpool for l = L-1)
+//   dz_l = dx_{l+1} * GELU'(z_l) on tile + p (0 outside the image)
+//   gate partial  gg[cb][pos][l] = sum_{c in block} dout * GELU(z_l)       (tile positions)
+//   weight grad   sum_{tile positions} dz_l(h,w) * x_l(h+i-p, w+j-p)       (registers, fp64 across tiles)
+//   dx_l on tile = conv(dz_l, flipped w_l) (+ scale * dout * g_{l-1} for l > 0) -> workspace or grad_ctx
+// The weight-gradient partial of the slot is written once at the end: [slot][tap][C].
+// ==========================================================================================
+struct LevelBwdParams {
+  int64_t B, H, W, C;
+  int L, l;
+  int TH, TW, accP, ntw, ntiles, cblocks, nslots;
+  int pX, pZ;
+  int offX, offZ, offW, offD, offGp;
+  const void* xsrc;  // x_l: ctx (T, any strides) when x_is_f32 == 0, else fp32 workspace map
+  int64_t xs[4];
+  int x_is_f32, x_vec;
+  const float* dx_in;  // dx_{l+1} (fp32 contiguous) for l < L-1
+  int ws_vec;
+  const void* dout;
+  int64_t ds[4];
+  int dout_vec;
+  const void* gates;
+  int64_t gs[4];
+  const float* dpool;  // [B][C], already divided by H*W
+  const float* w;      // [C][k][k]
+  void* dx_out;        // l == 0: grad_ctx (T, contiguous); else fp32 contiguous workspace map
+  int out_vec;
+  float* gg;
+  float* gw_part;
+  float scale;
+};
+
+template <typename T, int K>
+__global__ void __launch_bounds__(NT, 2) fc_bwd_level_kernel(const LevelBwdParams P) {
+  constexpr int p = K / 2;
+  constexpr int V = vblock(K);
+  constexpr int KK = K * K;
+  constexpr int NP = NGRP / K;  // position parts of the weight-gradient work (>= 2 for K <= 15)
+  FC_DYN_SMEM(sm);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int c = tid & (CB - 1), grp = tid / CB, g4 = lane / CB;
+  const int cb = (int)(blockIdx.x % (unsigned)P.cblocks);
+  const int slot = (int)(blockIdx.x / (unsigned)P.cblocks);
+  const int64_t c0 = (int64_t)cb * CB;
+  const int nvalid = (int)((P.C - c0) < CB ? (P.C - c0) : CB);
+  const int H = (int)P.H, W = (int)P.W, TH = P.TH, TW = P.TW, accP = P.accP;
+  const int l = P.l, L = P.L;
+  const int64_t BHW = P.B * P.H * P.W;
+  float* Xs = sm + P.offX;
+  float* Zs = sm + P.offZ;
+  float* Ws = sm + P.offW;
+  float* Ds = sm + P.offD;
+  float* Gs = sm + P.offGp;
+  const T* dout = static_cast<const T*>(P.dout);
+  const T* gates = static_cast<const T*>(P.gates);
+
+  for (int idx = tid; idx < KK * CB; idx += NT) {
+    const int tap = idx / CB, cc = idx - tap * CB;
+    Ws[idx] = (cc < nvalid) ? P.w[(c0 + cc) * KK + tap] : 0.f;
+  }
+  // weight-gradient work item of this channel group: kernel row wi, position part pp
+  const int wi = grp % K, pp = grp / K;
+  const bool wact = grp < K * NP;
+  double gacc[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) gacc[j] = 0.0;
+
+  const int64_t total = P.B * P.ntiles;
+  for (int64_t t = slot; t < total; t += P.nslots) {
+    const int64_t b = t / P.ntiles;
+    const int tile = (int)(t - b * P.ntiles);
+    const int h0 = (tile / P.ntw) * TH, w0 = (tile % P.ntw) * TW;
+    __syncthreads();  // the previous tile (and the weight staging) is done with shared memory
+
+    // (a) x_l on tile + 2p
+    {
+      const bool vec = P.x_vec && nvalid == CB;
+      if (P.x_is_f32)
+        load_region<float>(Xs, P.pX, TH + 4 * p, TW + 4 * p, h0 - 2 * p, w0 - 2 * p,
+                           static_cast<const float*>(P.xsrc), P.xs, b, c0, nvalid, vec, H, W);
+      else
+        load_region<T>(Xs, P.pX, TH + 4 * p, TW + 4 * p, h0 - 2 * p, w0 - 2 * p, static_cast<const T*>(P.xsrc),
+                       P.xs, b, c0, nvalid, vec, H, W);
+    }
+    // (b) dx_{l+1} on tile + p into Zs
+    {
+      const int zr = TH + 2 * p, zc = TW + 2 * p;
+      const bool dvec = P.dout_vec && nvalid == CB;
+      const bool wvec = P.ws_vec && nvalid == CB;
+      for (int idx = tid; idx < zr * zc; idx += NT) {
+        const int r = idx / zc, s = idx - r * zc;
+        const int gh = h0 - p + r, gw = w0 - p + s;
+        float v[8];
+        if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
+          if (l == L - 1) {
+            float d[8];
+            load8<T>(dout, b * P.ds[0] + (int64_t)gh * P.ds[1] + (int64_t)gw * P.ds[2] + c0 * P.ds[3], P.ds[3],
+                     nvalid, dvec, d);
+            const float g = P.scale * to_f<T>(gates[b * P.gs[0] + (int64_t)gh * P.gs[1] + (int64_t)gw * P.gs[2] +
+                                                    (int64_t)(L - 1) * P.gs[3]]);
+            const float* dp = P.dpool + b * P.C + c0;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] = (i < nvalid) ? fmaf(d[i], g, dp[i]) : 0.f;
+          } else {
+            load8<float>(P.dx_in, ((b * P.H + gh) * P.W + gw) * P.C + c0, 1, nvalid, wvec, v);
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] = 0.f;
+        }
+        sm_store8(Zs + (r * P.pZ + s) * CB, v);
+      }
+    }
+    // (c) dout (and g_{l-1}) on the tile
+    {
+      const bool dvec = P.dout_vec && nvalid == CB;
+      for (int pos = tid; pos < TH * TW; pos += NT) {
+        const int ti = pos / TW, tj = pos - ti * TW;
+        const int gh = h0 + ti, gw = w0 + tj;
+        const bool in = gh < H && gw < W;
+        float v[8];
+        if (in) {
+          load8<T>(dout, b * P.ds[0] + (int64_t)gh * P.ds[1] + (int64_t)gw * P.ds[2] + c0 * P.ds[3], P.ds[3], nvalid,
+                   dvec, v);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] = 0.f;
+        }
+        sm_store8(Ds + (ti * accP + tj) * CB, v);
+        if (l > 0)
+          Gs[ti * accP + tj] =
+              in ? to_f<T>(gates[b * P.gs[0] + (int64_t)gh * P.gs[1] + (int64_t)gw * P.gs[2] + (int64_t)(l - 1) * P.gs[3]])
+                 : 0.f;
+      }
+    }
+    __syncthreads();
+
+    // (d) z_l on tile + p, dz in place of dx_{l+1}, gate partial at tile positions
+    {
+      const int orows = TH + 2 * p, ocols = TW + 2 * p;
+      const int nchunk = (ocols + V - 1) / V;
+      const int nitems = ((orows + GPW - 1) / GPW) * nchunk;
+      for (int it = warp; it < nitems; it += NWARP) {  // warp-uniform: the shuffles below are safe
+        const int rq = it / nchunk, ch = it - rq * nchunk;
+        const int r = rq * GPW + g4;
+        const int rr = min(r, orows - 1);
+        const int s0 = ch * V;
+        float a[V];
+        conv_item<K, true, V, false>(Xs + c, P.pX, Ws + c, K, rr, s0, a);
+        const int gh = h0 - p + r;
+        const bool hin = r < orows && gh >= 0 && gh < H;
+        const int ti = r - p;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int s = s0 + v;
+          const int gw = w0 - p + s;
+          const bool valid = r < orows && s < ocols;
+          const bool in = valid && hin && gw >= 0 && gw < W;
+          const int tj = s - p;
+          const bool interior = in && ti >= 0 && ti < TH && tj >= 0 && tj < TW;
+          float prod = 0.f;
+          if (valid) {
+            float* zp = Zs + (r * P.pZ + s) * CB + c;
+            const float z = a[v];
+            *zp = in ? (*zp) * gelu_grad_f(z) : 0.f;
+            if (interior) prod = Ds[(ti * accP + tj) * CB + c] * gelu_f(z);
+          }
+          prod += __shfl_xor_sync(0xffffffffu, prod, 4);
+          prod += __shfl_xor_sync(0xffffffffu, prod, 2);
+          prod += __shfl_xor_sync(0xffffffffu, prod, 1);
+          if (interior && c == 0)
+            P.gg[((int64_t)cb * BHW + (b * P.H + gh) * P.W + gw) * (L + 1) + l] = prod;
+        }
+      }
+    }
+    __syncthreads();
+
+    // (e) weight gradient of this tile: item (kernel row wi, rows pp, pp+NP, ...), all K columns
+    if (wact) {
+      const int nr = min(TH, H - h0), nc = min(TW, W - w0);
+      float part[K];
+#pragma unroll
+      for (int j = 0; j < K; ++j) part[j] = 0.f;
+      for (int r = pp; r < nr; r += NP) {
+        const float* drow = Zs + ((r + p) * P.pZ + p) * CB + c;
+        const float* xrow = Xs + ((r + p + wi) * P.pX + p) * CB + c;
+        float win[K];
+#pragma unroll
+        for (int j = 0; j < K - 1; ++j) win[j] = xrow[j * CB];
+        for (int s = 0; s < nc; ++s) {
+          win[K - 1] = xrow[(s + K - 1) * CB];
+          const float d = drow[s * CB];
+#pragma unroll
+          for (int j = 0; j < K; ++j) part[j] = fmaf(d, win[j], part[j]);
+#pragma unroll
+          for (int j = 0; j < K - 1; ++j) win[j] = win[j + 1];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < K; ++j) gacc[j] += (double)part[j];
+    }
+
+    // (f) dx_l on the tile: correlation of dz with the flipped kernel (+ the gate term for l > 0)
+    {
+      const int nchunk = (TW + V - 1) / V;
+      const int nitems = ((TH + GPW - 1) / GPW) * nchunk;
+      for (int it = warp; it < nitems; it += NWARP) {
+        const int rq = it / nchunk, ch = it - rq * nchunk;
+        const int r = rq * GPW + g4;
+        const int rr = min(r, TH - 1);
+        const int s0 = ch * V;
+        float a[V];
+        conv_item<K, true, V, true>(Zs + c, P.pZ, Ws + c, K, rr, s0, a);
+        if (r < TH && h0 + r < H) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const int s = s0 + v;
+            if (s < TW && w0 + s < W) {
+              float* dp = Ds + (r * accP + s) * CB + c;
+              float val = a[v];
+              if (l > 0) val = fmaf(P.scale * (*dp), Gs[r * accP + s], val);
+              *dp = val;
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    // (g) store dx_l of the tile
+    {
+      const bool ovec = P.out_vec && nvalid == CB;
+      for (int pos = tid; pos < TH * TW; pos += NT) {
+        const int ti = pos / TW, tj = pos - ti * TW;
+        const int gh = h0 + ti, gw = w0 + tj;
+        if (gh >= H || gw >= W) continue;
+        float v[8];
+        sm_load8(Ds + (ti * accP + tj) * CB, v);
+        const int64_t off = ((b * P.H + gh) * P.W + gw) * P.C + c0;
+        if (l == 0)
+          store8<T>(static_cast<T*>(P.dx_out), off, nvalid, ovec, v);
+        else
+          store8<float>(static_cast<float*>(P.dx_out), off, nvalid, ovec, v);
+      }
+    }
+  }
+  __syncthreads();
+
+  // weight-gradient partial of the slot: the NP position parts summed in a fixed order
+  float* red = Xs;  // NP * KK * CB floats (the host sizes Xs for it)
+  if (wact) {
+#pragma unroll
+    for (int j = 0; j < K; ++j) red[((pp * K + wi) * K + j) * CB + c] = (float)gacc[j];
+  }
+  __syncthreads();
+  for (int idx = tid; idx < KK * CB; idx += NT) {
+    const int tap = idx / CB, cc = idx - tap * CB;
+    float s = 0.f;
+    for (int q = 0; q < NP; ++q) s += red[(q * KK + tap) * CB + cc];
+    if (cc < nvalid) P.gw_part[((int64_t)slot * KK + tap) * P.C + c0 + cc] = s;
+  }
+}
+
+}  // namespace fcc
+}  // namespace focalnet

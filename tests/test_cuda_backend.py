@@ -1,0 +1,364 @@
+"""The native CUDA backend of focal_context (csrc/cuda/, ``focalnet_kernels._C``) on a GPU.
+
+Every case runs ``focalnet_kernels.native.focal_context_fwd_native`` / ``_bwd_native`` on CUDA
+tensors and compares with an fp64 reference of the contract math written here (channels-first
+``F.conv2d`` on fp64 copies, autograd for the backward), computed on the CPU so that it does not
+depend on cuDNN. Skipped, with the reason, where there is no GPU or the extension was built
+without its cuda backend.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"  # every tensor of these tests lives here
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _skip_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    try:
+        from focalnet_kernels import native
+    except Exception as e:  # pragma: no cover - import problems are reported as the skip reason
+        return f"focalnet_kernels.native cannot be imported: {e!r}"
+    if not native.available("cuda"):
+        return f"focalnet_kernels._C has no cuda backend (build_info={native.build_info()})"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda_backend():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def _native():
+    from focalnet_kernels import native
+    return native
+
+
+# ------------------------------------------------------------------------------------------
+# fp64 reference of docs/backend-contract.md
+# ------------------------------------------------------------------------------------------
+class _Gelu(torch.autograd.Function):
+    """Exact GELU whose backward is the contract's dz = dx * GELU'(z), GELU' = Phi(z) + z phi(z)
+    as ONE factor (autograd through the composite formula would split an infinite dx into two
+    terms of opposite sign and turn +-Inf into NaN, unlike the contract)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return 0.5 * z * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        d = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        return grad * d
+
+
+def _gelu(x):
+    return _Gelu.apply(x)
+
+
+def _ref_forward(ctx, gates, weights, normalize):
+    """ctx B×H×W×C, gates B×H×W×(L+1), weights [C,k,k] (all fp64). Returns out, pooled and the
+    mean of |x_L| (the scale of pooled's summands, for a conditioning-aware pooled check)."""
+    x = ctx.permute(0, 3, 1, 2)
+    C = x.shape[1]
+    L = len(weights)
+    acc = 0
+    for lvl, w in enumerate(weights):
+        k = w.shape[-1]
+        x = _gelu(F.conv2d(x, w.reshape(C, 1, k, k), padding=k // 2, groups=C))
+        acc = acc + x.permute(0, 2, 3, 1) * gates[..., lvl:lvl + 1]
+    pooled = x.mean(dim=(2, 3))
+    acc = acc + _gelu(pooled)[:, None, None, :] * gates[..., L:L + 1]
+    s = 1.0 / (L + 1) if normalize else 1.0
+    return acc * s, pooled, x.abs().mean(dim=(2, 3))
+
+
+def reference(ctx, gates, weights, normalize, grad_out=None):
+    """Returns dict(out, pooled, pooled_abs[, grad_ctx, grad_gates, grad_w]) in fp64 on the CPU."""
+    need = grad_out is not None
+    c = ctx.detach().cpu().double().requires_grad_(need)
+    g = gates.detach().cpu().double().requires_grad_(need)
+    ws = [w.detach().cpu().double().requires_grad_(need) for w in weights]
+    out, pooled, pabs = _ref_forward(c, g, ws, normalize)
+    r = dict(out=out.detach(), pooled=pooled.detach(), pooled_abs=pabs.detach())
+    if need:
+        grads = torch.autograd.grad(out, [c, g] + ws, grad_out.detach().cpu().double())
+        r.update(grad_ctx=grads[0], grad_gates=grads[1], grad_w=list(grads[2:]))
+    return r
+
+
+def rel_err(a, b):
+    a = a.detach().cpu().double()
+    b = b.detach().cpu().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _check_pooled(pooled, r, tol):
+    # pooled is a mean that may cancel to ~0 (C = 1, tiny maps): scale the bound by mean |x_L|.
+    err = (pooled.detach().cpu().double() - r["pooled"]).norm().item()
+    bound = tol * (r["pooled"].norm().item() + r["pooled_abs"].norm().item()) + 1e-30
+    assert err <= bound, f"pooled: |err| {err:.3e} > {bound:.3e}"
+
+
+# ------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------
+def kernel_sizes(L, window, factor=2):
+    return [window + factor * lvl for lvl in range(L)]
+
+
+def make_inputs(B, H, W, C, ks, dtype, layout="contig", seed=0):
+    """ctx, gates (views as the layout says), fp32 weights [C,k,k] ~ 1/k, on DEVICE."""
+    gen = torch.Generator().manual_seed(seed)
+    L = len(ks)
+    if layout == "slice":  # views into the f-projection output [B,H,W, C | C | L+1]
+        y = torch.randn(B, H, W, 2 * C + L + 1, generator=gen).to(dtype).to(DEVICE)
+        ctx, gates = y[..., C:2 * C], y[..., 2 * C:]
+    elif layout == "chfirst":  # channels-first storage permuted to B,H,W,C
+        ctx = torch.randn(B, C, H, W, generator=gen).to(dtype).to(DEVICE).permute(0, 2, 3, 1)
+        gates = torch.randn(B, L + 1, H, W, generator=gen).to(dtype).to(DEVICE).permute(0, 2, 3, 1)
+    elif layout == "offset1":  # base pointer off 16-byte alignment by one element: scalar path
+        y = torch.randn(B, H, W, C + L + 2, generator=gen).to(dtype).to(DEVICE)
+        ctx, gates = y[..., 1:1 + C], y[..., 1 + C:]
+    elif layout == "bcast":  # gates broadcast over W (stride 0)
+        ctx = torch.randn(B, H, W, C, generator=gen).to(dtype).to(DEVICE)
+        gates = torch.randn(B, H, 1, L + 1, generator=gen).to(dtype).to(DEVICE).expand(B, H, W, L + 1)
+    else:
+        ctx = torch.randn(B, H, W, C, generator=gen).to(dtype).to(DEVICE)
+        gates = torch.randn(B, H, W, L + 1, generator=gen).to(dtype).to(DEVICE)
+    weights = [(torch.randn(C, k, k, generator=gen) / k).to(DEVICE) for k in ks]
+    return ctx, gates, weights
+
+
+def make_grad_out(B, H, W, C, dtype, layout="contig", seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "chfirst":
+        return torch.randn(B, C, H, W, generator=gen).to(dtype).to(DEVICE).permute(0, 2, 3, 1)
+    if layout == "slice":
+        return torch.randn(B, H, W, 2 * C, generator=gen).to(dtype).to(DEVICE)[..., C:]
+    return torch.randn(B, H, W, C, generator=gen).to(dtype).to(DEVICE)
+
+
+def run_and_check(B, H, W, C, ks, dtype, normalize, layout="contig", gout_layout="contig", backward=True, seed=0):
+    nat = _native()
+    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, layout, seed)
+    out, pooled = nat.focal_context_fwd_native(ctx, gates, weights, normalize)
+    assert out.shape == (B, H, W, C) and out.dtype == dtype and out.is_contiguous()
+    assert pooled.shape == (B, C) and pooled.dtype == torch.float32
+    tol = TOL[dtype]
+    gout = make_grad_out(B, H, W, C, dtype, gout_layout, seed + 1) if backward else None
+    r = reference(ctx, gates, weights, normalize, gout)
+    errs = {"out": rel_err(out, r["out"])}
+    _check_pooled(pooled, r, tol)
+    if backward:
+        gctx, ggates, gw = nat.focal_context_bwd_native(gout, ctx, gates, weights, pooled, normalize)
+        assert gctx.shape == ctx.shape and gctx.dtype == dtype and gctx.is_contiguous()
+        assert ggates.shape == gates.shape and ggates.dtype == dtype and ggates.is_contiguous()
+        assert [tuple(g.shape) for g in gw] == [tuple(w.shape) for w in weights]
+        assert all(g.dtype == torch.float32 for g in gw)
+        errs["grad_ctx"] = rel_err(gctx, r["grad_ctx"])
+        errs["grad_gates"] = rel_err(ggates, r["grad_gates"])
+        for lvl in range(len(ks)):
+            errs[f"grad_w{lvl}"] = rel_err(gw[lvl], r["grad_w"][lvl])
+    bad = {k: v for k, v in errs.items() if not v < tol}
+    assert not bad, f"relative errors above {tol}: {bad} (all: {errs})"
+
+
+# ------------------------------------------------------------------------------------------
+# accuracy against fp64
+# ------------------------------------------------------------------------------------------
+SHAPES = [(1, 1), (7, 9), (13, 17), (56, 56)]
+CHANNELS = [1, 20, 64, 96, 192]
+
+
+@pytest.mark.parametrize("C", CHANNELS)
+@pytest.mark.parametrize("H,W", SHAPES)
+def test_shapes_and_channels_fp32(H, W, C):
+    run_and_check(2, H, W, C, kernel_sizes(3, 3), torch.float32, normalize=(C % 2 == 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("H,W,C", [(1, 1, 20), (7, 9, 1), (13, 17, 96), (56, 56, 64)])
+def test_shapes_half(H, W, C, dtype):
+    run_and_check(2, H, W, C, kernel_sizes(2, 3), dtype, normalize=False)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [3, 9])
+@pytest.mark.parametrize("L", [1, 2, 3, 4])
+def test_levels_and_windows(L, window, dtype, normalize):
+    # window 9: kernels 9, 11, 13, 15 (detection backbones); split into several fused segments
+    run_and_check(2, 13, 17, 20, kernel_sizes(L, window), dtype, normalize)
+
+
+@pytest.mark.parametrize("ks", [[5], [7], [15], [3, 9], [15, 3], [5, 5, 5], [13, 11, 9, 7], [11, 13, 15], [5, 7, 9],
+                                [3, 5, 7, 9], [9, 11]])
+def test_other_kernel_sizes(ks):
+    # generic (runtime kernel size) segments and the remaining specialisations
+    run_and_check(2, 19, 23, 24, ks, torch.float32, normalize=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout,gout_layout", [("slice", "contig"), ("chfirst", "chfirst"), ("offset1", "slice"),
+                                                ("bcast", "contig")])
+def test_strided_views(layout, gout_layout, dtype):
+    run_and_check(2, 13, 17, 96, kernel_sizes(3, 3), dtype, normalize=True, layout=layout, gout_layout=gout_layout)
+    run_and_check(1, 7, 9, 20, kernel_sizes(2, 9), dtype, normalize=False, layout=layout, gout_layout=gout_layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_larger_maps(dtype):
+    # many tiles per image and several images per backward slot
+    run_and_check(3, 56, 56, 96, kernel_sizes(3, 3), dtype, normalize=False)
+    run_and_check(1, 75, 100, 192, kernel_sizes(4, 3), dtype, normalize=True)
+    run_and_check(2, 41, 63, 64, kernel_sizes(3, 9), dtype, normalize=False)
+    run_and_check(1, 56, 56, 64, kernel_sizes(3, 5), dtype, normalize=True)  # fl3: one 3-level segment
+
+
+# ------------------------------------------------------------------------------------------
+# NaN / Inf propagate as in the reference
+# ------------------------------------------------------------------------------------------
+def _same_nonfinite(name, got, ref):
+    got = got.detach().cpu().double()
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)), f"{name}: NaN positions differ"
+    assert torch.equal(torch.isinf(got), torch.isinf(ref)), f"{name}: Inf positions differ"
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.sign(got[inf]), torch.sign(ref[inf])), f"{name}: Inf signs differ"
+    fin = torch.isfinite(ref)
+    return got[fin], ref[fin]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_inf_propagation(dtype):
+    nat = _native()
+    B, H, W, C = 2, 13, 15, 12
+    ks = [3, 5]
+    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, seed=7)
+    ctx = ctx.clone()
+    gates = gates.clone()
+    ctx[0, 6, 7, 3] = float("nan")    # image 0, channel 3: NaN spreads through the levels and pooled
+    gates[1, 6, 7, 0] = float("inf")  # image 1: an infinite level-0 gate far from the border
+    gout = make_grad_out(B, H, W, C, dtype, seed=8)
+    out, pooled = nat.focal_context_fwd_native(ctx, gates, weights, False)
+    gctx, ggates, gw = nat.focal_context_bwd_native(gout, ctx, gates, weights, pooled, False)
+    r = reference(ctx, gates, weights, False, gout)
+    tol = TOL[dtype]
+    for name, got, ref in [("out", out, r["out"]), ("pooled", pooled, r["pooled"]),
+                           ("grad_ctx", gctx, r["grad_ctx"]), ("grad_gates", ggates, r["grad_gates"])] + \
+                          [(f"grad_w{i}", gw[i], r["grad_w"][i]) for i in range(len(ks))]:
+        g, rf = _same_nonfinite(name, got, ref)
+        if rf.numel():  # (grad_w0 is all +-Inf / NaN here: the infinite gate reaches every tap)
+            assert rel_err(g, rf) < tol, name
+    # the NaN stays in image 0 channel 3 (and what depends on it); image 1 has no NaN at all
+    assert torch.isnan(out[0, :, :, 3]).all() and not torch.isnan(out[1]).any()
+    assert torch.isinf(out[1, 6, 7]).all()
+
+
+# ------------------------------------------------------------------------------------------
+# determinism, streams
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,ks", [(torch.float16, [3, 5, 7]), (torch.float32, [9, 11, 13, 15]),
+                                      (torch.bfloat16, [3, 9])])
+def test_bitwise_deterministic_20_runs(dtype, ks):
+    nat = _native()
+    B, H, W, C = 4, 56, 56, 96
+    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, seed=3)
+    gout = make_grad_out(B, H, W, C, dtype, seed=4)
+    first = None
+    for _ in range(20):
+        out, pooled = nat.focal_context_fwd_native(ctx, gates, weights, True)
+        gctx, ggates, gw = nat.focal_context_bwd_native(gout, ctx, gates, weights, pooled, True)
+        res = [out, pooled, gctx, ggates] + list(gw)
+        if first is None:
+            first = [t.clone() for t in res]
+            continue
+        for i, (a, b) in enumerate(zip(res, first)):
+            assert torch.equal(a, b), f"run differs from the first in output {i}"
+
+
+def test_runs_on_the_callers_stream():
+    nat = _native()
+    B, H, W, C = 2, 56, 56, 64
+    ks = [3, 5, 7]
+    src_ctx, src_gates, weights = make_inputs(B, H, W, C, ks, torch.float16, seed=11)
+    gout_src = make_grad_out(B, H, W, C, torch.float16, seed=12)
+    ref_out, ref_pooled = nat.focal_context_fwd_native(src_ctx, src_gates, weights, False)
+    ref_g = nat.focal_context_bwd_native(gout_src, src_ctx, src_gates, weights, ref_pooled, False)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # the inputs become valid only after a long kernel on the side stream: a backend that
+        # ran on any other stream would read zeros
+        ctx = torch.zeros_like(src_ctx)
+        gates = torch.zeros_like(src_gates)
+        gout = torch.zeros_like(gout_src)
+        if hasattr(torch.cuda, "_sleep"):
+            torch.cuda._sleep(50_000_000)
+        ctx.copy_(src_ctx)
+        gates.copy_(src_gates)
+        gout.copy_(gout_src)
+        out, pooled = nat.focal_context_fwd_native(ctx, gates, weights, False)
+        gctx, ggates, gw = nat.focal_context_bwd_native(gout, ctx, gates, weights, pooled, False)
+    side.synchronize()
+    assert torch.equal(out, ref_out) and torch.equal(pooled, ref_pooled)
+    assert torch.equal(gctx, ref_g[0]) and torch.equal(ggates, ref_g[1])
+    assert all(torch.equal(a, b) for a, b in zip(gw, ref_g[2]))
+
+
+def test_invalid_arguments_raise():
+    nat = _native()
+    ctx, gates, weights = make_inputs(1, 5, 5, 8, [3], torch.float32)
+    w1 = [torch.randn(8, 1, 1, device=DEVICE)]  # k = 1: outside the backend's 3..15
+    with pytest.raises((ValueError, RuntimeError)):
+        nat.focal_context_fwd_native(ctx, gates, w1, False)
+
+
+# ------------------------------------------------------------------------------------------
+# 64-bit offsets: B*H*W*C > 2^31 elements (fp16, ~4.3 GB per map)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_64bit_offsets():
+    nat = _native()
+    B, H, W, C = 2050, 64, 64, 256  # 2,149,580,800 elements > 2^31 = 2,147,483,648
+    ks = [3]
+    need = 5 * B * H * W * C * 2 + (1 << 30) * 3
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs ~{need / 2**30:.0f} GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    dtype = torch.float16
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    ctx = torch.randn(B, H, W, C, generator=gen, device=DEVICE, dtype=dtype)
+    gates = torch.randn(B, H, W, len(ks) + 1, generator=gen, device=DEVICE, dtype=dtype)
+    weights = [(torch.randn(C, k, k, generator=gen, device=DEVICE) / k) for k in ks]
+    assert ctx.numel() > 2 ** 31
+    out, pooled = nat.focal_context_fwd_native(ctx, gates, weights, False)
+    # the first image (small offsets) and the last two (offsets >= 2^31) against the reference
+    for sl in (slice(0, 1), slice(B - 2, B)):
+        r = reference(ctx[sl], gates[sl], weights, False)
+        assert rel_err(out[sl], r["out"]) < TOL[dtype]
+        _check_pooled(pooled[sl], r, TOL[dtype])
+    # backward: grad_out is zero except in the last two images, so every gradient (the weight
+    # gradient included) is that of those two images alone
+    gout = torch.zeros_like(ctx)
+    gout[B - 2:] = torch.randn(2, H, W, C, generator=gen, device=DEVICE, dtype=dtype)
+    gctx, ggates, gw = nat.focal_context_bwd_native(gout, ctx, gates, weights, pooled, False)
+    r = reference(ctx[B - 2:], gates[B - 2:], weights, False, gout[B - 2:])
+    assert rel_err(gctx[B - 2:], r["grad_ctx"]) < TOL[dtype]
+    assert rel_err(ggates[B - 2:], r["grad_gates"]) < TOL[dtype]
+    assert rel_err(gw[0], r["grad_w"][0]) < TOL[dtype]
+    assert not gctx[: B - 2].any() and not ggates[: B - 2].any()
