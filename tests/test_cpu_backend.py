@@ -1,0 +1,420 @@
+"""The native CPU backend (focalnet_kernels._C via focalnet_kernels.native) against an fp64 reference
+written here from the contract math (docs/backend-contract.md): F.conv2d channels-first in fp64,
+autograd for the backward. Forward (out, pooled) and backward (grad_ctx, grad_gates, grad_weights),
+fp32 / fp16 / bf16, strided inputs, NaN / Inf propagation, determinism (repeats, thread counts),
+every instruction-set path the CPU supports, argument validation."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from focalnet_kernels import native
+
+if not native.available("cpu"):
+    pytest.skip(
+        "focalnet_kernels._C is not built (pip install -e . without FOCALNET_SKIP_EXT=1)",
+        allow_module_level=True,
+    )
+
+from focalnet_kernels import _C  # noqa: E402
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+# ------------------------------------------------------------------------------------------------
+# fp64 reference (the contract math)
+
+def reference(ctx, gates, weights, normalize):
+    """out [B,H,W,C], pooled [B,C] by the contract, in the dtype of the inputs (fp64 for the oracle)."""
+    L = len(weights)
+    C = ctx.shape[-1]
+    x = ctx.permute(0, 3, 1, 2)
+    g = gates.permute(0, 3, 1, 2)
+    acc = 0
+    for l, w in enumerate(weights):
+        k = w.shape[-1]
+        x = F.gelu(F.conv2d(x, w.unsqueeze(1), padding=k // 2, groups=C))
+        acc = acc + x * g[:, l : l + 1]
+    pooled = x.mean((2, 3))
+    acc = acc + F.gelu(pooled)[:, :, None, None] * g[:, L:]
+    if normalize:
+        acc = acc / (L + 1)
+    return acc.permute(0, 2, 3, 1), pooled
+
+
+def reference_grads(ctx, gates, weights, normalize, grad_out, dtype=torch.float64):
+    # one torch thread: the fp64 grouped conv runs one tiny slow_conv2d per channel, and a
+    # fork/join per call costs far more than the work on a small (or busy) machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c = ctx.detach().to(dtype).requires_grad_(True)
+        g = gates.detach().to(dtype).requires_grad_(True)
+        ws = [w.detach().to(dtype).requires_grad_(True) for w in weights]
+        out, pooled = reference(c, g, ws, normalize)
+        out.backward(grad_out.detach().to(dtype))
+    finally:
+        torch.set_num_threads(threads)
+    return out.detach(), pooled.detach(), c.grad, g.grad, [w.grad for w in ws]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(name, got, ref64, ref32, tol):
+    """rel err vs fp64 below tol; on tiny tensors where cancellation makes even torch's own fp32
+    evaluation miss tol (e.g. 1x1 images, C=1), no worse than 4x that fp32 evaluation."""
+    err = rel_err(got, ref64)
+    bound = max(tol, 4 * rel_err(ref32, ref64)) if ref32 is not None else tol
+    assert err < bound, f"{name}: rel err {err:.3e} >= {bound:.3e}"
+
+
+# ------------------------------------------------------------------------------------------------
+# inputs
+
+def make_inputs(B, H, W, C, ks, dtype=torch.float32, layout="fout", seed=0):
+    """ctx, gates (views with the given layout), weights [C,k,k] fp32, grad_out (non-contiguous)."""
+    gen = torch.Generator().manual_seed(seed)
+    L = len(ks)
+    if layout == "fout":   # slices of an f-projection-like output (the real use)
+        y = torch.randn(B, H, W, 2 * C + L + 1, generator=gen).to(dtype)
+        ctx, gates = y[..., C : 2 * C], y[..., 2 * C :]
+    elif layout == "cf":   # channels-first tensors permuted to B x H x W x C
+        ctx = torch.randn(B, C, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1)
+        gates = torch.randn(B, L + 1, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1)
+    elif layout == "wstep":   # every other column of a wider tensor, gates from a transposed map
+        ctx = torch.randn(B, H, 2 * W, C + 3, generator=gen).to(dtype)[:, :, ::2, 1 : C + 1]
+        gates = torch.randn(B, W, H, L + 1, generator=gen).to(dtype).transpose(1, 2)
+    else:
+        ctx = torch.randn(B, H, W, C, generator=gen).to(dtype)
+        gates = torch.randn(B, H, W, L + 1, generator=gen).to(dtype)
+    weights = [(torch.randn(C, k, k, generator=gen) * (1.5 / k)).contiguous() for k in ks]
+    grad_out = torch.randn(B, C, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1)
+    return ctx, gates, weights, grad_out
+
+
+def run_native(ctx, gates, weights, normalize, grad_out):
+    out, pooled = native.focal_context_fwd_native(ctx, gates, weights, normalize)
+    gc, gg, gw = native.focal_context_bwd_native(grad_out, ctx, gates, weights, pooled, normalize)
+    return out, pooled, gc, gg, gw
+
+
+# (H, W, C, kernels): 1x1 / 7x9 / 13x17 images, C in {1, 20, 64}, L = 1..4, windows 3, 5, 9
+# (factor 2: kernels 5,7,9 and 9,11,13[,15]).
+CASES = [
+    (1, 1, 20, (3,)),
+    (1, 1, 1, (3, 5)),
+    (1, 1, 64, (5, 7, 9)),
+    (7, 9, 1, (3, 5, 7)),
+    (7, 9, 20, (3, 5)),
+    (7, 9, 64, (3, 5, 7, 9)),
+    (7, 9, 20, (9, 11, 13)),
+    (13, 17, 1, (3,)),
+    (13, 17, 20, (5, 7, 9)),
+    (13, 17, 64, (3, 5, 7)),
+    (13, 17, 20, (9, 11, 13, 15)),
+]
+LAYOUTS = ["fout", "cf", "wstep", "contig"]
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_fp32_forward_backward(case, normalize):
+    H, W, C, ks = CASES[case]
+    layout = LAYOUTS[(case + int(normalize)) % len(LAYOUTS)]
+    ctx, gates, weights, grad_out = make_inputs(2, H, W, C, ks, layout=layout, seed=case)
+    out, pooled, gc, gg, gw = run_native(ctx, gates, weights, normalize, grad_out)
+    assert out.shape == (2, H, W, C) and out.dtype == torch.float32 and out.is_contiguous()
+    assert pooled.shape == (2, C) and pooled.dtype == torch.float32 and pooled.is_contiguous()
+    assert gc.shape == ctx.shape and gc.is_contiguous()
+    assert gg.shape == gates.shape and gg.is_contiguous()
+    assert [tuple(g.shape) for g in gw] == [tuple(w.shape) for w in weights]
+    assert all(g.dtype == torch.float32 and g.is_contiguous() for g in gw)
+    r64 = reference_grads(ctx, gates, weights, normalize, grad_out)
+    r32 = reference_grads(ctx, gates, weights, normalize, grad_out, torch.float32)
+    tol = TOL[torch.float32]
+    check("out", out, r64[0], r32[0], tol)
+    check("pooled", pooled, r64[1], r32[1], tol)
+    check("grad_ctx", gc, r64[2], r32[2], tol)
+    check("grad_gates", gg, r64[3], r32[3], tol)
+    for l, (a, b, c) in enumerate(zip(gw, r64[4], r32[4])):
+        check(f"grad_weights[{l}]", a, b, c, tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [(7, 9, 20, (3, 5, 7), "fout"), (13, 17, 64, (3, 5), "cf"),
+                                  (13, 17, 20, (5, 7, 9, 11), "wstep")])
+def test_half_dtypes(dtype, case):
+    H, W, C, ks, layout = case
+    ctx, gates, weights, grad_out = make_inputs(2, H, W, C, ks, dtype=dtype, layout=layout, seed=7)
+    out, pooled, gc, gg, gw = run_native(ctx, gates, weights, True, grad_out)
+    assert out.dtype == dtype and gc.dtype == dtype and gg.dtype == dtype
+    assert pooled.dtype == torch.float32 and all(g.dtype == torch.float32 for g in gw)
+    # oracle: fp64 on the same (rounded) inputs
+    r = reference_grads(ctx.double(), gates.double(), weights, True, grad_out.double())
+    tol = TOL[dtype]
+    for name, a, b in [("out", out, r[0]), ("pooled", pooled, r[1]), ("grad_ctx", gc, r[2]),
+                       ("grad_gates", gg, r[3])] + [(f"grad_weights[{l}]", a, b)
+                                                    for l, (a, b) in enumerate(zip(gw, r[4]))]:
+        assert rel_err(a, b) < tol, f"{dtype} {name}: {rel_err(a, b):.3e}"
+
+
+def _k1_run(x, g0, w, dtype):
+    """One level, kernel 1x1: out[p][c] = g0[p] * GELU(w[c] * x[p][c]) (global gate 0). For
+    w * x > 9 sqrt2 GELU is exactly the identity, so out = g0 * w * x: with powers of two this is
+    exact in fp32 and the only rounding is the final store to `dtype`."""
+    B, H, W, C = x.shape
+    gates = torch.zeros(B, H, W, 2)
+    gates[..., 0] = g0   # g0: [B, H, W] or broadcastable
+    out, _ = native.focal_context_fwd_native(x.to(dtype), gates.to(dtype), [w.view(C, 1, 1)], False)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_store_rounds_to_nearest_even(dtype):
+    """fp32 -> fp16 / bf16 stores: round to nearest even (ties included), subnormals, overflow."""
+    gen = torch.Generator().manual_seed(1)
+    drop = 13 if dtype == torch.float16 else 16          # mantissa bits dropped by the store
+    low = torch.randint(0, 1 << drop, (256,), generator=gen)
+    tie = 1 << (drop - 1)
+    low = torch.cat([low, torch.tensor([0, 1, tie - 1, tie, tie + 1, (1 << drop) - 1])])
+    kept = torch.randint(0, 1 << (23 - drop), (low.numel(),), generator=gen)
+    kept[-6:] = torch.tensor([0, 1, 2, 3, 4, 5])          # even and odd kept mantissas at the ties
+    bits = (127 << 23) | (kept << drop) | low               # fp32 values in [1, 2)
+    m = bits.to(torch.int32).view(torch.float32)
+    w = m * 16                                              # conv output 16 m: GELU is the identity
+    if dtype == torch.float16:
+        exps = list(range(-24, 12))                         # subnormal .. overflow to inf
+    else:
+        exps = list(range(-130, 124, 7))
+    g0 = torch.tensor([s * 2.0 ** e for e in exps for s in (1.0, -1.0)])
+    assert torch.equal(g0.to(dtype).float(), g0)             # the gates are exact in dtype
+    x = torch.ones(1, 1, g0.numel(), w.numel())
+    out = _k1_run(x, g0.view(1, 1, -1), w, dtype)
+    want = (g0.double().view(-1, 1) * w.double().view(1, -1)).float().to(dtype)   # exact in fp32
+    assert torch.equal(out.view_as(want), want)
+
+
+def test_half_loads_are_exact():
+    """fp16 / bf16 -> fp32 loads of every positive fp16 value >= 2^-20 (normals, most subnormals,
+    65504) and a spread of bf16 values >= 2^-20: out = 2^-24 * GELU(2^24 x) = x exactly (round trip)."""
+    for dtype in (torch.float16, torch.bfloat16):
+        if dtype == torch.float16:
+            bits = torch.arange(0, 0x7C00, dtype=torch.int32).to(torch.int16)
+            v = bits.view(torch.float16)
+            v = v[v >= 2.0 ** -20]
+        else:
+            bits = torch.arange(0x0080, 0x7F80, 37, dtype=torch.int32).to(torch.int16)
+            v = bits.view(torch.bfloat16)
+            v = v[(v >= 2.0 ** -20) & (v <= 2.0 ** 100)]
+        x = v.float().view(1, 1, 1, -1)
+        w = torch.full((v.numel(),), 2.0 ** 24)
+        out = _k1_run(x, torch.full((1, 1, 1), 2.0 ** -24), w, dtype)
+        assert torch.equal(out.view(-1), v), dtype
+        neg = _k1_run(x, torch.full((1, 1, 1), -(2.0 ** -24)), w, dtype)
+        assert torch.equal(neg.view(-1), -v), dtype
+
+
+def test_nan_inf_propagation():
+    """NaN in ctx of image 0 and an Inf gate in image 1: masks of NaN and Inf exactly as the fp64
+    reference, finite values within tolerance (fp32)."""
+    ctx, gates, weights, grad_out = make_inputs(2, 13, 17, 20, (3, 5, 7), layout="fout", seed=11)
+    ctx = ctx.clone()
+    gates = gates.clone()
+    ctx[0, 4, 6, 3] = float("nan")
+    gates[1, 5, 9, 1] = float("inf")
+    gates[1, 8, 2, 3] = float("-inf")   # global gate of one pixel
+    grad_out = grad_out.clone()
+    out, pooled, gc, gg, gw = run_native(ctx, gates, weights, False, grad_out)
+    r = reference_grads(ctx, gates, weights, False, grad_out)
+    for name, a, b in [("out", out, r[0]), ("pooled", pooled, r[1]), ("grad_ctx", gc, r[2]),
+                       ("grad_gates", gg, r[3])] + [(f"grad_weights[{l}]", a, b)
+                                                    for l, (a, b) in enumerate(zip(gw, r[4]))]:
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN positions differ"
+        assert torch.equal(a.isinf(), b.isinf()), f"{name}: Inf positions differ"
+        assert torch.equal(a[a.isinf()].sign(), b[b.isinf()].sign().to(a.dtype)), name
+        fin = torch.isfinite(b)
+        if fin.any():
+            assert rel_err(a[fin], b[fin]) < 1e-5, name
+    # depthwise: the NaN stays in its channel of image 0 (everywhere, via the pooled mean)
+    assert out[0, ..., 3].isnan().all() and torch.isfinite(out[0, ..., :3]).all()
+    assert not torch.isfinite(out[1, 5, 9]).all() and torch.isfinite(out[1, 0, 0]).all()
+
+
+def test_special_values_gelu():
+    """GELU(+inf) = inf, GELU(-inf) = GELU(nan) = nan, GELU(+-0) = 0, as the reference."""
+    vals = torch.tensor([float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1.0, -30.0, 40.0])
+    n = vals.numel()
+    x = torch.stack([vals, torch.ones(n)]).view(1, 1, 2, n)   # two pixels: pooled stays finite
+    g = torch.ones(1, 1, 2, 2)                                # g_L = 1: 1 * GELU(inf) = inf, not nan
+    out, _ = native.focal_context_fwd_native(x, g, [torch.ones(n, 1, 1)], False)
+    ref, _ = reference(x.double(), g.double(), [torch.ones(n, 1, 1, dtype=torch.float64)], False)
+    o = out[0, 0, 0]
+    assert o[0] == float("inf") and o[1].isnan() and o[2].isnan()
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    fin = torch.isfinite(ref)
+    assert rel_err(out[fin], ref[fin]) < 1e-6
+
+
+def test_deterministic_repeats():
+    ctx, gates, weights, grad_out = make_inputs(2, 13, 17, 20, (3, 5, 7), seed=5)
+    first = run_native(ctx, gates, weights, True, grad_out)
+    for _ in range(2):
+        again = run_native(ctx, gates, weights, True, grad_out)
+        for a, b in zip(first[:4], again[:4]):
+            assert torch.equal(a, b)
+        for a, b in zip(first[4], again[4]):
+            assert torch.equal(a, b)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _supported_isas():
+    flags = _cpu_flags()
+    isas = ["base"]
+    if {"avx2", "fma"} <= flags:
+        isas.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            isas.append("avx512")
+    return isas
+
+
+_ISA_CASES = [(torch.float32, (13, 17, 20, (3, 5, 7))), (torch.float32, (7, 9, 24, (9, 11, 13, 15))),
+              (torch.bfloat16, (7, 9, 20, (5, 7)))]
+_isa_refs = {}
+
+
+@pytest.mark.parametrize("isa", _supported_isas())
+def test_isa_path(isa, monkeypatch):
+    """Every kernel instantiation this CPU can run (FOCALNET_CPU_ISA caps the runtime dispatch)."""
+    monkeypatch.setenv("FOCALNET_CPU_ISA", isa)
+    for i, (dtype, (H, W, C, ks)) in enumerate(_ISA_CASES):
+        ctx, gates, weights, grad_out = make_inputs(2, H, W, C, ks, dtype=dtype, seed=2)
+        out, pooled, gc, gg, gw = run_native(ctx, gates, weights, False, grad_out)
+        if i not in _isa_refs:
+            _isa_refs[i] = reference_grads(ctx.double(), gates.double(), weights, False,
+                                           grad_out.double())
+        r = _isa_refs[i]
+        tol = TOL[dtype]
+        for name, a, b in [("out", out, r[0]), ("pooled", pooled, r[1]), ("grad_ctx", gc, r[2]),
+                           ("grad_gates", gg, r[3])] + [(f"gw{l}", a, b) for l, (a, b) in enumerate(zip(gw, r[4]))]:
+            assert rel_err(a, b) < tol, f"{isa} {dtype} {name}: {rel_err(a, b):.3e}"
+
+
+_THREAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {root!r})
+    from tests.test_cpu_backend import make_inputs, run_native
+    torch.set_num_threads({threads})
+    ctx, gates, weights, grad_out = make_inputs(3, 30, 21, 40, (3, 5, 7), seed=9)
+    res = run_native(ctx, gates, weights, False, grad_out)
+    torch.save([res[0], res[1], res[2], res[3]] + list(res[4]), {path!r})
+    """
+)
+
+
+def test_bit_identical_across_thread_counts(tmp_path):
+    """Same bits with 1 and 3 OpenMP threads (the tiling never depends on the thread count)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = []
+    for threads in (1, 3):
+        path = str(tmp_path / f"t{threads}.pt")
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        code = _THREAD_SCRIPT.format(root=root, threads=threads, path=path)
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=120)
+        outs.append(torch.load(path))
+    ctx, gates, weights, grad_out = make_inputs(3, 30, 21, 40, (3, 5, 7), seed=9)
+    here = run_native(ctx, gates, weights, False, grad_out)
+    here = [here[0], here[1], here[2], here[3]] + list(here[4])
+    for a, b, c in zip(outs[0], outs[1], here):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_broadcast_grad_out_and_gates():
+    """Zero strides: grad_out as autograd makes it for .sum() (an expanded scalar) and gates
+    broadcast over the width."""
+    B, H, W, C, ks = 2, 7, 9, 20, (3, 5)
+    ctx, _, weights, _ = make_inputs(B, H, W, C, ks, seed=8)
+    gates = torch.randn(B, H, 1, len(ks) + 1).expand(B, H, W, len(ks) + 1)
+    grad_out = torch.ones(()).expand(B, H, W, C)
+    assert grad_out.stride() == (0, 0, 0, 0)
+    out, pooled, gc, gg, gw = run_native(ctx, gates, weights, False, grad_out)
+    r = reference_grads(ctx, gates.contiguous(), weights, False, grad_out.contiguous())
+    for name, a, b in [("out", out, r[0]), ("grad_ctx", gc, r[2]), ("grad_gates", gg, r[3])] + [
+            (f"gw{l}", a, b) for l, (a, b) in enumerate(zip(gw, r[4]))]:
+        assert rel_err(a, b) < 1e-5, f"{name}: {rel_err(a, b):.3e}"
+
+
+def test_multi_tile_images():
+    """Large images / batch 1 split into several tiles per image (two-pass global term, per-tile
+    partial sums) and wide rows split into column tiles: same results as the reference."""
+    for (B, H, W, C, ks, dtype) in [(1, 70, 150, 24, (3, 5, 7), torch.float32),
+                                    (1, 40, 100, 16, (9, 11), torch.bfloat16)]:
+        ctx, gates, weights, grad_out = make_inputs(B, H, W, C, ks, dtype=dtype, seed=4)
+        out, pooled, gc, gg, gw = run_native(ctx, gates, weights, True, grad_out)
+        r = reference_grads(ctx.double(), gates.double(), weights, True, grad_out.double())
+        for name, a, b in [("out", out, r[0]), ("pooled", pooled, r[1]), ("grad_ctx", gc, r[2]),
+                           ("grad_gates", gg, r[3])] + [(f"gw{l}", a, b) for l, (a, b) in enumerate(zip(gw, r[4]))]:
+            assert rel_err(a, b) < TOL[dtype], f"{H}x{W} {dtype} {name}: {rel_err(a, b):.3e}"
+
+
+def test_empty_and_validation():
+    ctx = torch.randn(0, 5, 6, 4)
+    gates = torch.randn(0, 5, 6, 3)
+    w = [torch.randn(4, 3, 3), torch.randn(4, 5, 5)]
+    out, pooled = native.focal_context_fwd_native(ctx, gates, w, False)
+    assert out.shape == (0, 5, 6, 4) and pooled.shape == (0, 4)
+    # the C++ side validates too (std::invalid_argument -> ValueError)
+    a = _C.FocalContextArgs()
+    a.B, a.H, a.W, a.C, a.L = 1, 4, 4, 8, 5
+    with pytest.raises(ValueError, match="focal levels"):
+        _C.focal_context_workspace_bytes_cpu(a, False)
+    a.L = 1
+    a.ksize = [4, 0, 0, 0]
+    with pytest.raises(ValueError, match="odd"):
+        _C.focal_context_workspace_bytes_cpu(a, False)
+    a.ksize = [3, 0, 0, 0]
+    a.dtype = 7
+    with pytest.raises(ValueError, match="dtype"):
+        _C.focal_context_workspace_bytes_cpu(a, False)
+    a.dtype = 0
+    x = torch.randn(1, 4, 4, 8)
+    g = torch.randn(1, 4, 4, 2)
+    wt = torch.randn(8, 3, 3)
+    out = torch.empty(1, 4, 4, 8)
+    pooled = torch.empty(1, 8)
+    a.ctx, a.ctx_stride = x.data_ptr(), list(x.stride())
+    a.gates, a.gates_stride = g.data_ptr(), list(g.stride())
+    a.weight = [wt.data_ptr(), 0, 0, 0]
+    a.out, a.pooled = out.data_ptr(), pooled.data_ptr()
+    need = _C.focal_context_workspace_bytes_cpu(a, False)
+    ws = torch.empty(need, dtype=torch.uint8)
+    a.workspace, a.workspace_bytes = ws.data_ptr(), need - 1
+    with pytest.raises(ValueError, match="workspace"):
+        _C.focal_context_fwd_cpu(a)
+    a.workspace_bytes = need
+    a.out = 0
+    with pytest.raises(ValueError, match="out"):
+        _C.focal_context_fwd_cpu(a)
+    a.out = out.data_ptr()
+    _C.focal_context_fwd_cpu(a)
+    ref, _ = reference(x.double(), g.double(), [wt.double()], False)
+    assert rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError):
+        native.focal_context_fwd_native(x, g, [torch.randn(8, 4, 4)], False)
