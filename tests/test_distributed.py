@@ -34,7 +34,7 @@ def _train(model, batches, rank=0, world=1):
         x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
-        grads.append({k: p.grad.detach().clone() for k, p in model.named_parameters()})
+        grads.append({k.removeprefix("module."): p.grad.detach().clone() for k, p in model.named_parameters()})
         opt.step()
     return grads
 
