@@ -12,7 +12,12 @@ try:  # the native extension is optional: the reference and Triton paths work wi
     from . import _C  # type: ignore[attr-defined]
 except ImportError as _e:  # pragma: no cover - depends on the install
     _C = None
-    warnings.warn(f"focalnet_kernels: the native extension focalnet_kernels._C is not available ({_e}); "
+    import os as _os
+    _hint = ""
+    if _os.path.exists(_os.path.join(_os.path.dirname(_os.path.dirname(__file__)), "setup.py")):
+        _hint = (" (this is the source tree, not the installed package: run from another directory, "
+                 "or install with `pip install -e .` to build the extension in place)")
+    warnings.warn(f"focalnet_kernels: the native extension focalnet_kernels._C is not available ({_e}){_hint}; "
                   "using the reference/Triton paths only", RuntimeWarning, stacklevel=2)
 
 from .ops import BACKENDS, backend_calls, focal_context, select_backend  # noqa: E402

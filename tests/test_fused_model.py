@@ -64,3 +64,29 @@ def test_compile_fullgraph_fused_model(name, backend, forbid_eager_dwconv_later)
     with torch.no_grad():
         assert rel_err(got, eager(x)) < 1e-5
     assert got2.shape == got.shape
+
+
+@pytest.mark.parametrize("name", BACKENDS[:1])
+def test_compile_training_step(name, backend, forbid_eager_dwconv_later):
+    """torch.compile(fullgraph=True) of the fused model inside a training step (fwd, bwd, SGD)."""
+    backend(name)
+    torch._dynamo.reset()
+    eager, fused = _pair(depths=(1, 1, 1, 1))
+    compiled = torch.compile(fused, fullgraph=True)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    opt_f = torch.optim.SGD(fused.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x, y = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 7, (2,), generator=g)
+        for model, opt, fwd in ((eager, opt_e, eager), (fused, opt_f, compiled)):
+            opt.zero_grad()
+            if fwd is compiled:
+                with forbid_eager_dwconv_later():
+                    loss = torch.nn.functional.cross_entropy(fwd(x), y)
+                    loss.backward()
+            else:
+                torch.nn.functional.cross_entropy(fwd(x), y).backward()
+            opt.step()
+    ref = dict(eager.named_parameters())
+    for k, p in fused.named_parameters():
+        assert rel_err(p, ref[k]) < 1e-5, k

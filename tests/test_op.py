@@ -5,7 +5,7 @@ import torch
 
 import focalnet_kernels as fk
 from focalnet_kernels import ops
-from conftest import rel_err
+from conftest import kernel_backends, rel_err
 
 
 def _inputs(B=2, H=5, W=6, C=4, ks=(3, 5), dtype=torch.float32, requires_grad=False, seed=0):
@@ -20,10 +20,35 @@ def _inputs(B=2, H=5, W=6, C=4, ks=(3, 5), dtype=torch.float32, requires_grad=Fa
     return f_out, f_out[..., C : 2 * C], f_out[..., 2 * C :], kernels
 
 
-def test_opcheck_reference(backend):
-    backend("reference")
+@pytest.mark.parametrize("name", ["reference"] + kernel_backends())
+def test_opcheck(backend, name):
+    backend(name)
     _, ctx, gates, ks = _inputs(requires_grad=True)
+    before = ops.backend_calls[f"{name}:bwd"]
     torch.library.opcheck(ops.focal_context_fwd, (ctx, gates, ks, True))
+    assert ops.backend_calls[f"{name}:bwd"] > before
+
+
+@pytest.mark.parametrize("name", kernel_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_on_kernel_backends(backend, name, dtype):
+    if name == "triton" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter does not do bf16 arithmetic correctly: bf16 is tested on GPU")
+    backend(name)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 2 * 4 + 3)
+    ks = [torch.randn(4, 1, 3, 3, requires_grad=True), torch.randn(4, 1, 5, 5, requires_grad=True)]
+    x = torch.randn(2, 5, 6, 8)
+    before = ops.backend_calls[f"{name}:fwd"]
+    with torch.autocast("cpu", dtype=dtype):
+        y = lin(x)
+        out = fk.focal_context(y[..., 4:8], y[..., 8:], ks)
+    assert ops.backend_calls[f"{name}:fwd"] == before + 1
+    assert out.dtype == y.dtype
+    out.float().sum().backward()
+    assert all(k.grad is not None and k.grad.dtype == torch.float32 for k in ks)
+    want = fk.focal_context_ref(y[..., 4:8].double(), y[..., 8:].double(), [k.double() for k in ks])
+    assert rel_err(out, want) < 1e-2
 
 
 def test_compile_fullgraph_no_recompile(backend):
