@@ -319,8 +319,8 @@ def test_isa_path(isa, monkeypatch):
 _THREAD_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    sys.path.insert(0, {root!r})
-    from tests.test_cpu_backend import make_inputs, run_native
+    sys.path.insert(0, {tests!r})
+    from test_cpu_backend import make_inputs, run_native
     torch.set_num_threads({threads})
     ctx, gates, weights, grad_out = make_inputs(3, 30, 21, 40, (3, 5, 7), seed=9)
     res = run_native(ctx, gates, weights, False, grad_out)
@@ -331,13 +331,14 @@ _THREAD_SCRIPT = textwrap.dedent(
 
 def test_bit_identical_across_thread_counts(tmp_path):
     """Same bits with 1 and 3 OpenMP threads (the tiling never depends on the thread count)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # Run outside the source tree so the subprocess imports the installed package (with _C).
+    tests = os.path.dirname(os.path.abspath(__file__))
     outs = []
     for threads in (1, 3):
         path = str(tmp_path / f"t{threads}.pt")
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        code = _THREAD_SCRIPT.format(root=root, threads=threads, path=path)
-        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=root, timeout=120)
+        code = _THREAD_SCRIPT.format(tests=tests, threads=threads, path=path)
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=str(tmp_path), timeout=120)
         outs.append(torch.load(path))
     ctx, gates, weights, grad_out = make_inputs(3, 30, 21, 40, (3, 5, 7), seed=9)
     here = run_native(ctx, gates, weights, False, grad_out)
