@@ -140,9 +140,11 @@ def _backend_fns(name: str):
     return native.focal_context_fwd_native, native.focal_context_bwd_native
 
 
-def _weights32(kernels: Sequence[Tensor]) -> List[Tensor]:
-    return [k.detach().reshape(k.shape[0], k.shape[-2], k.shape[-1]).to(torch.float32).contiguous()
-            for k in kernels]
+def _backend_weights(name: str, ctx: Tensor, kernels: Sequence[Tensor]) -> List[Tensor]:
+    """The user's [C,1,k,k] weights as the contract's contiguous [C,k,k]: float32 for the kernels
+    (float64 only for the reference on float64 inputs, the tests' oracle dtype)."""
+    dtype = torch.float64 if (name == "reference" and ctx.dtype == torch.float64) else torch.float32
+    return [k.detach().reshape(k.shape[0], k.shape[-2], k.shape[-1]).to(dtype).contiguous() for k in kernels]
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,10 +160,7 @@ def focal_context_fwd(ctx: Tensor, gates: Tensor, kernels: List[Tensor], normali
     name = select_backend(ctx, [k.shape[-1] for k in kernels])
     backend_calls[name + ":fwd"] += 1
     fwd, _ = _backend_fns(name)
-    out, pooled = fwd(ctx, gates, _weights32(kernels) if name != "reference" or ctx.dtype != torch.float64
-                      else [k.reshape(k.shape[0], k.shape[-2], k.shape[-1]).to(torch.float64) for k in kernels],
-                      normalize)
-    return out, pooled
+    return fwd(ctx, gates, _backend_weights(name, ctx, kernels), normalize)
 
 
 @focal_context_fwd.register_fake
@@ -181,11 +180,7 @@ def focal_context_bwd(grad_out: Tensor, ctx: Tensor, gates: Tensor, kernels: Lis
     name = select_backend(ctx, [k.shape[-1] for k in kernels])
     backend_calls[name + ":bwd"] += 1
     _, bwd = _backend_fns(name)
-    if name == "reference" and ctx.dtype == torch.float64:
-        weights = [k.reshape(k.shape[0], k.shape[-2], k.shape[-1]).to(torch.float64) for k in kernels]
-    else:
-        weights = _weights32(kernels)
-    grad_ctx, grad_gates, grad_w = bwd(grad_out, ctx, gates, weights, pooled, normalize)
+    grad_ctx, grad_gates, grad_w = bwd(grad_out, ctx, gates, _backend_weights(name, ctx, kernels), pooled, normalize)
     grad_k = [gw.reshape(k.shape).to(k.dtype) for gw, k in zip(grad_w, kernels)]
     return grad_ctx, grad_gates, grad_k
 
