@@ -13,7 +13,7 @@
 # Exit status: 0 all good; 1 tests failed (the benchmark still ran); 2 build failed (no benchmark);
 # 3 the benchmark failed or a section errored.
 # Time: SUITE_SECONDS (default 570) is the whole budget; the build gets at most BUILD_SECONDS (default 300),
-# the tests at most TEST_SECONDS (default 150, less when time is short), the benchmark the rest.
+# the tests at most TEST_SECONDS (default 240, less when time is short), the benchmark the rest.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
