@@ -28,3 +28,32 @@ def test_bit_identical_across_runs(name, deterministic, backend):
         torch.use_deterministic_algorithms(prev)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@pytest.mark.skipif("triton" not in kernel_backends(), reason="triton cannot run here")
+def test_triton_pins_one_config_under_deterministic_algorithms(backend, monkeypatch):
+    """Autotuning may pick another tile in another process (another summation order): under
+    use_deterministic_algorithms(True) every autotuned Triton kernel runs its first config."""
+    import focalnet_kernels.triton as ft
+    seen = []
+    for k in ft._AUTOTUNED:
+        monkeypatch.setattr(k, "configs", list(k.configs) * 2)  # as if several configs shipped
+    real = ft._fwd.focal_context_fwd_triton
+
+    def spy(*a, **kw):
+        seen.append([len(k.configs) for k in ft._AUTOTUNED])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ft._fwd, "focal_context_fwd_triton", spy)
+    wrapped = ft._deterministic_when_asked(ft._fwd.focal_context_fwd_triton)
+    ctx, gates = torch.randn(1, 5, 6, 4), torch.randn(1, 5, 6, 3)
+    ws = [torch.randn(4, 3, 3), torch.randn(4, 5, 5)]
+    torch.use_deterministic_algorithms(True)
+    try:
+        wrapped(ctx, gates, ws, False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    wrapped(ctx, gates, ws, False)
+    assert seen[0] == [1, 1, 1]
+    assert all(n >= 2 for n in seen[1])
+    assert all(len(k.configs) >= 2 for k in ft._AUTOTUNED)  # restored after the call
