@@ -519,6 +519,30 @@ void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, b
   check_launch(name);
 }
 
+// The inputs of one fused segment: level 0 reads ctx through its strides; a later segment reads
+// the fp32 level map x_{l0} that the previous segment left in the workspace (contiguous B,H,W,C).
+static FusedParams segment_inputs(const FocalContextArgs& a, const Segment& s, float* const X[5],
+                                  bool ctx_vec, bool ws_vec) {
+  FusedParams P{};
+  if (s.l0 == 0) {
+    P.src = reinterpret_cast<const void*>(a.ctx);
+    for (int d = 0; d < 4; ++d) P.ss[d] = a.ctx_stride[d];
+    P.src_is_f32 = 0;
+    P.src_vec = ctx_vec;
+  } else {
+    P.src = X[s.l0];
+    P.ss[0] = a.H * a.W * a.C;
+    P.ss[1] = a.W * a.C;
+    P.ss[2] = a.C;
+    P.ss[3] = 1;
+    P.src_is_f32 = 1;
+    P.src_vec = ws_vec;
+  }
+  P.gates = reinterpret_cast<const void*>(a.gates);
+  for (int d = 0; d < 4; ++d) P.gs[d] = a.gates_stride[d];
+  return P;
+}
+
 template <typename T>
 void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
   const int64_t B = a.B, H = a.H, W = a.W, C = a.C;
@@ -537,23 +561,7 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
   float* gp = reinterpret_cast<float*>(ws + pl.off_gp);
 
   for (const Segment& s : pl.segs) {
-    FusedParams P{};
-    if (s.l0 == 0) {
-      P.src = reinterpret_cast<const void*>(a.ctx);
-      for (int d = 0; d < 4; ++d) P.ss[d] = a.ctx_stride[d];
-      P.src_is_f32 = 0;
-      P.src_vec = ctx_vec;
-    } else {
-      P.src = X[s.l0];
-      P.ss[0] = H * W * C;
-      P.ss[1] = W * C;
-      P.ss[2] = C;
-      P.ss[3] = 1;
-      P.src_is_f32 = 1;
-      P.src_vec = ws_vec;
-    }
-    P.gates = reinterpret_cast<const void*>(a.gates);
-    for (int d = 0; d < 4; ++d) P.gs[d] = a.gates_stride[d];
+    FusedParams P = segment_inputs(a, s, X, ctx_vec, ws_vec);
     const bool final_out = s.l0 + s.nl == L;
     P.acc_in = s.l0 > 0;
     P.acc_out = !final_out;
@@ -602,23 +610,7 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
 
   // 1. recompute x_1 .. x_{L-1} into the workspace
   for (const Segment& s : pl.segs) {
-    FusedParams P{};
-    if (s.l0 == 0) {
-      P.src = reinterpret_cast<const void*>(a.ctx);
-      for (int d = 0; d < 4; ++d) P.ss[d] = a.ctx_stride[d];
-      P.src_is_f32 = 0;
-      P.src_vec = ctx_vec;
-    } else {
-      P.src = X[s.l0];
-      P.ss[0] = H * W * C;
-      P.ss[1] = W * C;
-      P.ss[2] = C;
-      P.ss[3] = 1;
-      P.src_is_f32 = 1;
-      P.src_vec = ws_vec;
-    }
-    P.gates = reinterpret_cast<const void*>(a.gates);
-    for (int d = 0; d < 4; ++d) P.gs[d] = a.gates_stride[d];
+    FusedParams P = segment_inputs(a, s, X, ctx_vec, ws_vec);
     P.ws_vec = ws_vec;
     for (int l = 0; l < 5; ++l) P.X[l] = X[l];
     P.xmask = (1 << s.nl) - 1;
