@@ -60,6 +60,15 @@ def forbid_eager_dwconv_later(monkeypatch):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is fastest and immune to OpenMP stalls on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def backend(monkeypatch):
     """Force a focal_context backend for one test: backend('triton')."""
     def _set(name):

@@ -10,13 +10,7 @@ from focalnet import (CheckpointMismatchError, FocalNet, convert_state_dict, cre
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to OpenMP stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 transformers = pytest.importorskip("transformers")
 from transformers import FocalNetConfig, FocalNetForImageClassification, FocalNetModel  # noqa: E402

@@ -12,13 +12,7 @@ from focalnet.model import drop_path
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to OpenMP stalls on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ALL_NAMES = ["focalnet_tiny_srf", "focalnet_tiny_lrf", "focalnet_small_srf", "focalnet_small_lrf",
              "focalnet_base_srf", "focalnet_base_lrf", "focalnet_large_fl3", "focalnet_large_fl4",
