@@ -316,6 +316,39 @@ def test_isa_path(isa, monkeypatch):
             assert rel_err(a, b) < tol, f"{isa} {dtype} {name}: {rel_err(a, b):.3e}"
 
 
+@pytest.mark.parametrize("isa", _supported_isas())
+def test_gelu_pointwise_accuracy(isa, monkeypatch):
+    """GELU and GELU' value by value on a dense grid of [-10, 10] (every interval edge of the
+    AVX-512 tables at multiples of 1/4, and the cut at |x| = 8 included), through one level with a
+    1x1 kernel of weight 1 (out = GELU(x), grad_ctx = dout * GELU'(x)), against fp64:
+    |error| <= 1e-7 |x| + 4 ulp of the value (of Phi + |x phi| for GELU', which cancels near -0.75)
+    + 1e-30 for each element, on every instruction-set path."""
+    monkeypatch.setenv("FOCALNET_CPU_ISA", isa)
+    grid = torch.linspace(-10.0, 10.0, 16001)
+    edges = torch.arange(-40, 41, dtype=torch.float32) / 4
+    x = torch.cat([grid, edges, edges.nextafter(torch.tensor(-100.0)), edges.nextafter(torch.tensor(100.0))])
+    n = x.numel()
+    ctx = x.view(1, 1, n, 1)
+    gates = torch.zeros(1, 1, n, 2)
+    gates[..., 0] = 1.0                                      # global gate 0: out = GELU(x)
+    w = [torch.ones(1, 1, 1)]
+    dout = torch.ones(1, 1, n, 1)
+    out, pooled = native.focal_context_fwd_native(ctx, gates, w, False)
+    gc, _, _ = native.focal_context_bwd_native(dout, ctx, gates, w, pooled, False)
+    xd = x.double()
+    val = F.gelu(xd)
+    cdf = 0.5 * torch.erfc(-xd / 2 ** 0.5)
+    grad = cdf + xd * torch.exp(-0.5 * xd * xd) / (2 * torch.pi) ** 0.5
+    pdf_term = (xd * torch.exp(-0.5 * xd * xd) / (2 * torch.pi) ** 0.5).abs()
+    for name, got, ref, scale in (("GELU", out.view(-1), val, val.abs()),
+                                  ("GELU'", gc.view(-1), grad, cdf + pdf_term)):
+        err = (got.double() - ref).abs()
+        bound = 1e-7 * xd.abs() + 4 * 2.0 ** -23 * scale + 1e-30
+        bad = err > bound
+        assert not bad.any(), (f"{isa} {name}: {int(bad.sum())} values off, worst at x = "
+                               f"{x[(err - bound).argmax()].item()!r}: err {err.max().item():.3e}")
+
+
 _THREAD_SCRIPT = textwrap.dedent(
     """
     import sys, torch
