@@ -100,7 +100,7 @@ def make_config(args: argparse.Namespace, argv: List[str]) -> Config:
         cfg.models = list(QUICK_MODELS)
         cfg.dtypes = [torch.float32]
         cfg.batches = [4]
-        cfg.modes = ["eager", "fused"]
+        cfg.modes = ["eager", "fused-ctx", "fused"]
         cfg.compile_modes = False
         cfg.train = False
         cfg.reps = 3 if args.quick else 5

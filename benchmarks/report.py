@@ -31,7 +31,8 @@ def _eager_index(entries: List[Dict]) -> Dict:
 
 def _backend_str(e: Dict) -> str:
     ran = e.get("backends_ran") or {}
-    names = sorted({k.split(":")[0] for k in ran})
+    # focal_context keys are "<backend>:fwd|bwd" (keep the backend); linear keys "linear:<backend>"
+    names = sorted({k if k.startswith("linear:") else k.split(":")[0] for k in ran})
     return ",".join(names)
 
 

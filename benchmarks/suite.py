@@ -32,7 +32,10 @@ from .common import (DTYPE_NAMES, Budget, env_var, free_memory, is_oom, l2_bytes
                      short_exc, sync, time_loop, wall)
 
 SCHEMA = "focalnet-bench/1"
-FOCAL_MODES = ("eager", "fused", "fused:cuda", "fused:triton", "compile", "fused+compile")
+FOCAL_MODES = ("eager", "fused", "fused-ctx", "fused:cuda", "fused:triton", "compile", "fused+compile")
+# fused-ctx: the fused model with its projections left on torch's F.linear (FOCALNET_LINEAR_BACKEND=torch),
+# so that the share of focal_context in a fused speed-up is measured apart from focalnet_kernels.linear's.
+LINEAR_ENV = {"fused-ctx": "torch"}
 SWIN_MODES = ("eager", "compile")
 
 
@@ -156,6 +159,7 @@ class Member:
     def __init__(self, name: str, mode: str, fn: Callable, *, compiled: bool, env_backend: Optional[str],
                  dtype: torch.dtype, device: torch.device, grad: bool, autocast: bool = True):
         self.name, self.mode, self.fn = name, mode, fn
+        self.env_linear = LINEAR_ENV.get(mode)
         self.autocast = autocast
         self.compiled, self.env_backend = compiled, env_backend
         self.dtype, self.device, self.grad = dtype, device, grad
@@ -177,6 +181,8 @@ class Member:
                                                 enabled=self.dtype != torch.float32))
             if self.env_backend:
                 st.enter_context(env_var("FOCALNET_KERNELS_BACKEND", self.env_backend))
+            if self.env_linear:
+                st.enter_context(env_var("FOCALNET_LINEAR_BACKEND", self.env_linear))
             yield
 
     def step(self, inputs: List[torch.Tensor]) -> None:

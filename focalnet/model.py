@@ -8,7 +8,9 @@ dropout / stochastic-depth semantics and random-number consumption), with these 
   before the stem (4) and before every downsample (2), as the official detection backbone and
   Hugging Face transformers do; for inputs that are already multiples nothing changes;
 * ``use_fused=True`` routes the focal-context stage (depthwise convs, GELUs, gating, global
-  context, normalisation) through ``focalnet_kernels.focal_context``;
+  context, normalisation) through ``focalnet_kernels.focal_context``, and the block's projections
+  (f, h, proj, and the MLP with GELU as fc1's epilogue) through ``focalnet_kernels.linear``
+  (oneDNN for CPU inference, F.linear otherwise);
 * ``features_only=True`` turns the model into a dense backbone (see :class:`FocalNet`).
 
 The state-dict layout is the official one (``patch_embed``, ``layers.i.blocks.j``,
@@ -56,16 +58,21 @@ class DropPath(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> dropout -> fc2 -> dropout (on channels-last tokens)."""
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (on channels-last tokens). With use_fused the two
+    projections go through ``focalnet_kernels.linear`` (GELU as fc1's epilogue)."""
 
-    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0, use_fused: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
+        self.use_fused = bool(use_fused)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.use_fused:
+            h = focalnet_kernels.linear(x, self.fc1.weight, self.fc1.bias, activation="gelu")
+            return self.drop(focalnet_kernels.linear(self.drop(h), self.fc2.weight, self.fc2.bias))
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
@@ -126,15 +133,19 @@ class FocalModulation(nn.Module):
         q, ctx, gates = y[..., :C], y[..., C:2 * C], y[..., 2 * C:]
         ctx_all = focalnet_kernels.focal_context(
             ctx, gates, [layer[0].weight for layer in self.focal_layers], normalize=self.normalize_modulator)
-        modulator = F.linear(ctx_all, self.h.weight.reshape(C, C), self.h.bias)
+        modulator = focalnet_kernels.linear(ctx_all, self.h.weight.reshape(C, C), self.h.bias)
         return q * modulator
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.f(x)
-        out = self._context_fused(y) if self.use_fused else self._context_eager(y)
+        if not self.use_fused:
+            out = self._context_eager(self.f(x))
+            if self.use_postln_in_modulation:
+                out = self.ln(out)
+            return self.proj_drop(self.proj(out))
+        out = self._context_fused(focalnet_kernels.linear(x, self.f.weight, self.f.bias))
         if self.use_postln_in_modulation:
             out = self.ln(out)
-        return self.proj_drop(self.proj(out))
+        return self.proj_drop(focalnet_kernels.linear(out, self.proj.weight, self.proj.bias))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, kernel_sizes={self.kernel_sizes}, normalize_modulator={self.normalize_modulator}, "
@@ -159,7 +170,7 @@ class FocalNetBlock(nn.Module):
             normalize_modulator=normalize_modulator, use_fused=use_fused)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, use_fused=use_fused)
         self.use_layerscale = use_layerscale
         if use_layerscale:
             self.gamma_1 = nn.Parameter(layerscale_value * torch.ones(dim))
@@ -335,8 +346,11 @@ class FocalNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, FocalModulation)]
 
     def set_fused(self, flag: bool = True) -> "FocalNet":
-        for m in self.modulations():
-            m.use_fused = bool(flag)
+        """Switch every FocalModulation (focal context on focal_context, projections on
+        focalnet_kernels.linear) and every Mlp (linear with the GELU epilogue) together."""
+        for m in self.modules():
+            if isinstance(m, (FocalModulation, Mlp)):
+                m.use_fused = bool(flag)
         return self
 
     @property

@@ -5,7 +5,8 @@
 - timm >= 0.9 (`FocalModulation`, channels-first, 1×1 convs f / h / proj, optional LayerNorm2d `norm`),
 - the official microsoft/FocalNet code and older timm (`FocalModulation`, Linear f / proj, 1×1 conv h),
 - this project's model (anything with `set_fused`), which is simply switched to its fused path.
-Each recognised module's class is swapped for a subclass whose forward calls the fused op; the
+Each recognised module's class is swapped for a subclass whose forward calls the fused op (and runs
+its projections through `focalnet_kernels.linear`); the
 parameters, buffers and state-dict keys stay exactly as they were, and `unfuse` swaps the class back.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import linear
 from .ops import focal_context
 
 _FUSED_CLASSES: Dict[type, type] = {}
@@ -34,25 +36,33 @@ def _modulate(m, y, h_conv):
     C = h_conv.weight.shape[0]
     q, ctx, gates = y[..., :C], y[..., C : 2 * C], y[..., 2 * C :]
     ctx_all = focal_context(ctx, gates, _weights(m), normalize=bool(m.normalize_modulator))
-    return q * F.linear(ctx_all, h_conv.weight.reshape(C, C), h_conv.bias)
+    return q * linear(ctx_all, h_conv.weight.reshape(C, C), h_conv.bias)
+
+
+def _project(mod: nn.Module, x):
+    """A plain nn.Linear through focalnet_kernels.linear; any other module (a quantised or LoRA
+    Linear, say) is called as it is."""
+    if type(mod) is nn.Linear:
+        return linear(x, mod.weight, mod.bias)
+    return mod(x)
 
 
 def _fused_forward_hf(self, hidden_state):
-    x = _modulate(self, self.projection_in(hidden_state), self.projection_context)
+    x = _modulate(self, _project(self.projection_in, hidden_state), self.projection_context)
     if self.use_post_layernorm_in_modulation:
         x = self.layernorm(x)
-    return self.projection_dropout(self.projection_out(x))
+    return self.projection_dropout(_project(self.projection_out, x))
 
 
 def _fused_forward_official(self, x):
-    x = _modulate(self, self.f(x), self.h)
+    x = _modulate(self, _project(self.f, x), self.h)
     if getattr(self, "use_postln_in_modulation", False):
         x = self.ln(x)
-    return self.proj_drop(self.proj(x))
+    return self.proj_drop(_project(self.proj, x))
 
 
 def _conv1x1_as_linear(conv: nn.Conv2d, x_cl):
-    return F.linear(x_cl, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+    return linear(x_cl, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
 
 
 def _fused_forward_timm(self, x):

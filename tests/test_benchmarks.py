@@ -103,9 +103,25 @@ def test_cpu_default_path_tiny(tmp_path, capsys):
         assert s in printed, s
     res = _strict_json(tmp_path / "results.json")
     assert res["suite"] == "cpu" and res["dtype"] == ["fp32"] and res["training"] == []
-    assert {e["mode"] for e in res["inference"]} == {"eager", "fused"}
+    assert {e["mode"] for e in res["inference"]} == {"eager", "fused-ctx", "fused"}
     assert all(e["status"] == "ok" for e in res["inference"])
+    # fused-ctx keeps the projections on torch's GEMM, fused uses focalnet_kernels.linear
+    by_mode = {e["mode"]: e["backends_ran"] for e in res["inference"] if e["model"].startswith("focalnet")}
+    assert by_mode["fused-ctx"].get("linear:torch", 0) > 0 and "linear:onednn" not in by_mode["fused-ctx"]
+    assert by_mode["fused"].get("linear:onednn", 0) > 0 or not _onednn()
     assert (tmp_path / "results.png").is_file() or not _has_matplotlib()
+
+
+def _onednn():
+    import importlib
+    return importlib.import_module("focalnet_kernels.linear")._ONEDNN_LINEAR is not None
+
+
+def test_linear_bench_runs(capsys):
+    from benchmarks import linear_bench
+    linear_bench.main(["--batch", "1", "--reps", "1"])
+    out = capsys.readouterr().out
+    assert "fc1+gelu" in out and "model total" in out and out.count("x  ") >= 20
 
 
 def test_budget_skips_are_recorded(tmp_path):

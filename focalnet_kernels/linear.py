@@ -1,0 +1,114 @@
+"""`linear`: a linear layer with an optional GELU epilogue, and `linear_ref` beside it.
+
+Why it exists: on CPUs, a FocalNet forward is ~70% GEMMs (the f / h / proj projections and the MLP),
+and torch's `F.linear` sends fp32 GEMMs to MKL, which runs its AVX2 code on non-Intel CPUs. oneDNN
+(shipped inside torch as mkldnn) picks its kernels by instruction set, so on an AVX-512 AMD EPYC it
+is 2-2.8x faster for these shapes, and it applies GELU as a GEMM epilogue instead of a second pass
+over the activations (`python -m benchmarks.linear_bench` measures both on the machine at hand).
+
+Dispatch (FOCALNET_LINEAR_BACKEND, read per call: auto | onednn | torch):
+  auto    oneDNN (`torch.ops.mkldnn._linear_pointwise`) for fp32 CPU tensors when no gradient is
+          needed (inference / no_grad) and torch was built with it; `linear_ref` otherwise (training,
+          CUDA, other dtypes: torch's own GEMM is the right choice there, so no warning).
+  onednn  as auto, but raises where oneDNN cannot run instead of falling back.
+Inside torch.compile'd code every backend but `torch` is skipped (auto) or refused (onednn):
+Inductor lowers the oneDNN op only for frozen weights, and fuses F.linear's epilogues itself.
+`torch.backends.mkldnn.enabled = False` turns the oneDNN path off.
+  torch   always `linear_ref` (F.linear, then F.gelu).
+
+The oneDNN GELU epilogue is the exact (erf) GELU, like F.gelu(approximate="none"). Results differ
+from MKL's in rounding only (summation order): ~1e-7 relative in fp32.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops import backend_calls
+
+LINEAR_BACKENDS = ("auto", "onednn", "torch")
+ACTIVATIONS = (None, "gelu")
+
+
+def linear_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+               activation: Optional[str] = None) -> Tensor:
+    """F.linear(x, weight, bias), then GELU (exact) when activation == "gelu"."""
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if activation == "gelu" else y
+
+
+def _find_onednn_op():
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        return torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _find_onednn_op()   # looked up once: torch.compile does not trace torch.backends
+
+
+def _onednn_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[str]:
+    """Why oneDNN cannot take this call (None: it can)."""
+    if _ONEDNN_LINEAR is None:
+        return "this torch build has no oneDNN (mkldnn) linear"
+    if torch.compiler.is_compiling():
+        return "inside torch.compile (Inductor lowers the oneDNN op only for frozen weights; it fuses F.linear's epilogue itself)"
+    if not torch.backends.mkldnn.enabled:
+        return "torch.backends.mkldnn is disabled"
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if any(t.device.type != "cpu" for t in tensors):
+        return "tensors not on the CPU"
+    if any(t.dtype != torch.float32 for t in tensors):
+        return f"dtype {x.dtype} (oneDNN path is fp32 only)"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "a gradient is needed (the oneDNN op has no backward)"
+    if x.dim() < 2 or x.numel() == 0:
+        return "input with fewer than 2 dims or no elements"
+    return None
+
+
+def select_linear_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> str:
+    """The backend `linear` runs this call on ("onednn" or "torch"); reads FOCALNET_LINEAR_BACKEND now."""
+    forced = os.environ.get("FOCALNET_LINEAR_BACKEND", "auto").strip().lower() or "auto"
+    if forced not in LINEAR_BACKENDS:
+        raise ValueError(f"FOCALNET_LINEAR_BACKEND={forced!r} is not one of {', '.join(LINEAR_BACKENDS)}")
+    if forced == "torch":
+        return "torch"
+    why = _onednn_unsupported(x, weight, bias)
+    if why is None:
+        return "onednn"
+    if forced == "onednn":
+        raise RuntimeError(f"FOCALNET_LINEAR_BACKEND=onednn but {why}")
+    return "torch"
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
+           activation: Optional[str] = None) -> Tensor:
+    """y = act(x @ weight.T + bias) over the last dim of x (any leading dims, any strides).
+
+    x: [..., in_features]; weight: [out_features, in_features]; bias: [out_features] or None;
+    activation: None or "gelu" (exact erf GELU). Same dtype and device for all three.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("linear: x and weight must be tensors")
+    if weight.dim() != 2:
+        raise ValueError(f"linear: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: x's last dim must be in_features={weight.shape[1]}, got shape {tuple(x.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"linear: bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}")
+    backend = select_linear_backend(x, weight, bias)
+    backend_calls["linear:" + backend] += 1
+    if backend == "onednn":
+        if activation == "gelu":
+            return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return linear_ref(x, weight, bias, activation=activation)
