@@ -8,8 +8,9 @@ over the activations (`python -m benchmarks.linear_bench` measures both on the m
 
 Dispatch (FOCALNET_LINEAR_BACKEND, read per call: auto | onednn | torch):
   auto    oneDNN (`torch.ops.mkldnn._linear_pointwise`) for fp32 CPU tensors when no gradient is
-          needed (inference / no_grad) and torch was built with it; `linear_ref` otherwise (training,
-          CUDA, other dtypes: torch's own GEMM is the right choice there, so no warning).
+          needed (inference / no_grad), CPU autocast is off and torch was built with it; `linear_ref`
+          otherwise (training, CUDA, other dtypes, autocast: torch's own GEMM is the right choice
+          there, so no warning).
   onednn  as auto, but raises where oneDNN cannot run instead of falling back.
 Inside torch.compile'd code every backend but `torch` is skipped (auto) or refused (onednn):
 Inductor lowers the oneDNN op only for frozen weights, and fuses F.linear's epilogues itself.
@@ -53,6 +54,13 @@ def _find_onednn_op():
 _ONEDNN_LINEAR = _find_onednn_op()   # looked up once: torch.compile does not trace torch.backends
 
 
+def _cpu_autocast_enabled() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:   # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 def _onednn_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[str]:
     """Why oneDNN cannot take this call (None: it can)."""
     if _ONEDNN_LINEAR is None:
@@ -61,6 +69,8 @@ def _onednn_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Op
         return "inside torch.compile (Inductor lowers the oneDNN op only for frozen weights; it fuses F.linear's epilogue itself)"
     if not torch.backends.mkldnn.enabled:
         return "torch.backends.mkldnn is disabled"
+    if _cpu_autocast_enabled():
+        return "CPU autocast is on (F.linear follows its dtype policy)"
     tensors = [t for t in (x, weight, bias) if t is not None]
     if any(t.device.type != "cpu" for t in tensors):
         return "tensors not on the CPU"

@@ -103,6 +103,15 @@ def test_env_backends(monkeypatch):
 
 
 @needs_onednn
+def test_cpu_autocast_keeps_torch_policy():
+    x, w, b = _inputs((5, 24), 24, 8, seed=10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert select_linear_backend(x, w, b) == "torch"
+        y = linear(x, w, b)
+    assert y.dtype == torch.bfloat16   # what F.linear gives under CPU autocast
+
+
+@needs_onednn
 def test_mkldnn_disabled_flag():
     x, w, b = _inputs((5, 24), 24, 8, seed=7)
     with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
