@@ -8,6 +8,7 @@
 #   2. focalnet_kernels.build_info()                              (build_info.json)
 #   3. pytest -m gpu tests -q                                     (pytest-gpu.log, junit-gpu.xml)
 #   4. python -m benchmarks [--quick] --budget <time left>        (results.json, results.png, table.txt)
+#   5. python -m benchmarks.cuda_preference results.json          (cuda_preference.txt: the auto table)
 #
 # Everything lands in one folder, benchmarks/results/<stamp>-<device>/ (or --out DIR), with suite.log.
 # Exit status: 0 all good; 1 tests failed (the benchmark still ran); 2 build failed (no benchmark);
@@ -117,6 +118,13 @@ say "benchmark: python -m benchmarks $QUICK --budget $budget --out $OUT ${EXTRA[
 ( cd "$OUT" && timeout -s INT -k 20 $(( budget + 45 )) python -m benchmarks $QUICK --budget "$budget" --out "$OUT" "${EXTRA[@]}" )
 bench_rc=$?
 say "benchmark: exit $bench_rc"
+if [ -f "$OUT/results.json" ]; then
+  # the measured triton-vs-cuda choice per configuration; commit it with
+  #   python -m benchmarks.cuda_preference benchmarks/results/<this folder>/results.json --write
+  say "auto table (cuda_preference.txt):"
+  ( cd "$OUT" && python -m benchmarks.cuda_preference "$OUT/results.json" ) > "$OUT/cuda_preference.txt" 2>&1
+  cat "$OUT/cuda_preference.txt"
+fi
 
 {
   echo "build_rc=$build_rc"

@@ -23,10 +23,13 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_LEVELS = 4
 MIN_KERNEL, MAX_KERNEL = 3, 15
 
-# Which backend `auto` picks for CUDA tensors, keyed by (L, kernel sizes). Filled from measurements
-# of the GPU suite (benchmarks/results/); a configuration not listed uses _CUDA_DEFAULT.
-# No GPU measurement has been committed yet, so Triton (the most exercised path) is the default.
+# Which backend `auto` picks for CUDA tensors, keyed by (L, kernel sizes); a configuration not listed
+# uses _CUDA_DEFAULT. Written by `python -m benchmarks.cuda_preference --write` from the op section of a
+# GPU suite run (benchmarks/results/), never by hand. No GPU run has been committed yet, so the table
+# is empty and Triton (the most exercised path) is the default.
+# cuda-preference:begin
 _CUDA_PREFERENCE: dict = {}
+# cuda-preference:end
 _CUDA_DEFAULT = "triton"
 
 #: How many times each backend ran, per direction: tests use it to prove the fast path ran.

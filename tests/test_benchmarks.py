@@ -239,3 +239,48 @@ def test_gpu_suite_tiny_on_cuda(tmp_path):
     for b in ("triton", "cuda"):
         assert b in ran or f"backend {b}" in skipped, (b, ran, res["skipped"])
     assert (tmp_path / "results.png").is_file() or not _has_matplotlib()
+
+
+def _op_entry(L, ks, backend, direction, ms, shape=(2, 56, 56, 96), dtype="bf16"):
+    return dict(L=L, kernels=list(ks), backend=backend, direction=direction, median_ms=ms, status="ok",
+                shape=list(shape), dtype=dtype)
+
+
+def test_cuda_preference_picks_measured_winner_and_writes(tmp_path, capsys):
+    """The auto table comes from measurements: cuda only where it is faster beyond the margin over
+    the cases both backends ran; --write replaces exactly the marked block of ops.py."""
+    from benchmarks import cuda_preference as cp
+    ops_src = (Path(cp.OPS_FILE)).read_text()
+    assert cp.BEGIN in ops_src and cp.END in ops_src
+    res = {"device": {"type": "cuda", "name": "NVIDIA H100"}, "op": [
+        _op_entry(2, (3, 5), "triton", "fwd", 1.0), _op_entry(2, (3, 5), "cuda", "fwd", 0.5),
+        _op_entry(2, (3, 5), "triton", "fwd+bwd", 3.0), _op_entry(2, (3, 5), "cuda", "fwd+bwd", 2.0),
+        _op_entry(3, (3, 5, 7), "triton", "fwd", 1.0), _op_entry(3, (3, 5, 7), "cuda", "fwd", 0.99),
+        _op_entry(3, (3, 5, 7), "cuda", "fwd+bwd", 0.1),          # no triton twin: not compared
+        _op_entry(4, (3, 5, 7, 9), "cuda", "fwd", 0.1),           # cuda only: no entry
+        dict(_op_entry(2, (3, 5), "cuda", "fwd", 0.01), status="error"),
+    ]}
+    choice = cp.compare([res], margin=0.03)
+    assert choice[(2, (3, 5))]["pick"] == "cuda" and choice[(2, (3, 5))]["cases"] == 2
+    assert choice[(3, (3, 5, 7))]["pick"] == "triton"          # 1% faster is within the margin
+    assert (4, (3, 5, 7, 9)) not in choice
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    ops_copy = tmp_path / "ops.py"
+    ops_copy.write_text(ops_src)
+    assert cp.main([str(path), "--write", "--ops-file", str(ops_copy)]) == 0
+    new = ops_copy.read_text()
+    ns = {}
+    block = new[new.index(cp.BEGIN):new.index(cp.END)]
+    exec(block, ns)
+    assert ns["_CUDA_PREFERENCE"] == {(2, (3, 5)): "cuda", (3, (3, 5, 7)): "triton"}
+    assert new.replace(block, "") == ops_src.replace(ops_src[ops_src.index(cp.BEGIN):ops_src.index(cp.END)], "")
+    assert "NVIDIA H100" in block
+
+
+def test_cuda_preference_without_gpu_results(tmp_path, capsys):
+    from benchmarks import cuda_preference as cp
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"device": {"type": "cpu"}, "op": [_op_entry(2, (3, 5), "cpu", "fwd", 1.0)]}))
+    assert cp.main([str(path)]) == 1
+    assert "no configuration was measured" in capsys.readouterr().err
