@@ -102,7 +102,8 @@ def make_config(args: argparse.Namespace, argv: List[str]) -> Config:
         cfg.batches = [4]
         cfg.modes = ["eager", "fused-ctx", "fused"]
         cfg.compile_modes = False
-        cfg.train = False
+        cfg.train = not args.quick     # one training step per rep: forward, backward, AdamW
+        cfg.train_batch = 4
         cfg.reps = 3 if args.quick else 5
         cfg.warmup = 1
         cfg.rep_target_s = 0.0

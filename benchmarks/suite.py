@@ -678,7 +678,8 @@ def plan_gpu(run: Run) -> List[Task]:
 
 
 def plan_cpu(run: Run) -> List[Task]:
-    """No GPU: FocalNet-T SRF/LRF eager vs fused (native CPU kernel) vs Swin-T, inference, plus the op."""
+    """No GPU: FocalNet-T SRF/LRF eager vs fused-ctx vs fused vs Swin-T: inference, a training step
+    (not with --quick), equivalence, and the op."""
     cfg = run.cfg
     tasks = [Task("bandwidth", 3.0, task_bandwidth)]
     for s in M.sizes_in(cfg.models):
@@ -691,6 +692,13 @@ def plan_cpu(run: Run) -> List[Task]:
                                   lambda r, s=s, d=d, b=b: task_inference(r, s, d, b, cfg.modes, ["eager"])))
             tasks.append(Task(f"equivalence {M.SIZE_LETTER.get(s, s)} {DTYPE_NAMES[d]}", 5.0,
                               lambda r, s=s, d=d: task_equivalence(r, s, d, cfg.equiv_batch)))
+        if cfg.train:   # eager modes only (no compile on the CPU suite)
+            modes = [m for m in cfg.modes if not _parse_mode(m)[2]]
+            n, _ = _count_members(cfg, s, modes, ["eager"])
+            per_step = (0.02 if cfg.tiny else 0.2) * cfg.train_batch   # eager FocalNet-T: ~0.2 s per image
+            tasks.append(Task(f"training {M.SIZE_LETTER.get(s, s)} fp32 b{cfg.train_batch}",
+                              5.0 + n * (cfg.reps + 2) * per_step,
+                              lambda r, s=s, modes=modes: task_training(r, s, torch.float32, cfg.train_batch, modes)))
         if s in cfg.op_sizes:
             for d in cfg.op_dtypes:
                 tasks.append(Task(f"op {M.SIZE_LETTER.get(s, s)} {DTYPE_NAMES[d]} B={cfg.op_batch}", 20.0,

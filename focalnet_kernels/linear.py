@@ -7,15 +7,18 @@ is 2-2.8x faster for these shapes, and it applies GELU as a GEMM epilogue instea
 over the activations (`python -m benchmarks.linear_bench` measures both on the machine at hand).
 
 Dispatch (FOCALNET_LINEAR_BACKEND, read per call: auto | onednn | torch):
-  auto    oneDNN (`torch.ops.mkldnn._linear_pointwise`) for fp32 CPU tensors when no gradient is
-          needed (inference / no_grad), CPU autocast is off and torch was built with it; `linear_ref`
-          otherwise (training, CUDA, other dtypes, autocast: torch's own GEMM is the right choice
-          there, so no warning).
+  auto    oneDNN (`torch.ops.mkldnn._linear_pointwise`) for fp32 CPU tensors (plain tensors or
+          Parameters, not subclasses such as DTensor), CPU autocast off, torch built with it.
+          Inference: one oneDNN call, GELU as its epilogue. With a gradient: a small autograd
+          Function - forward on oneDNN (GELU applied after it, its input saved), backward with
+          grad_x and grad_w as oneDNN GEMMs too (grad_w in the orientation oneDNN runs fast),
+          grad_b a sum. Otherwise `linear_ref` (CUDA, other dtypes, autocast: torch's own GEMM is
+          the right choice there, so no warning).
   onednn  as auto, but raises where oneDNN cannot run instead of falling back.
+  torch   always `linear_ref` (F.linear, then F.gelu).
 Inside torch.compile'd code every backend but `torch` is skipped (auto) or refused (onednn):
 Inductor lowers the oneDNN op only for frozen weights, and fuses F.linear's epilogues itself.
 `torch.backends.mkldnn.enabled = False` turns the oneDNN path off.
-  torch   always `linear_ref` (F.linear, then F.gelu).
 
 The oneDNN GELU epilogue is the exact (erf) GELU, like F.gelu(approximate="none"). Results differ
 from MKL's in rounding only (summation order): ~1e-7 relative in fp32.
@@ -28,6 +31,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from torch.autograd.function import once_differentiable
 
 from .ops import backend_calls
 
@@ -72,12 +77,12 @@ def _onednn_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Op
     if _cpu_autocast_enabled():
         return "CPU autocast is on (F.linear follows its dtype policy)"
     tensors = [t for t in (x, weight, bias) if t is not None]
+    if any(type(t) not in (Tensor, torch.nn.Parameter) for t in tensors):
+        return "a tensor subclass (" + ", ".join(sorted({type(t).__name__ for t in tensors})) + ")"
     if any(t.device.type != "cpu" for t in tensors):
         return "tensors not on the CPU"
     if any(t.dtype != torch.float32 for t in tensors):
         return f"dtype {x.dtype} (oneDNN path is fp32 only)"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return "a gradient is needed (the oneDNN op has no backward)"
     if x.dim() < 2 or x.numel() == 0:
         return "input with fewer than 2 dims or no elements"
     return None
@@ -118,7 +123,51 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     backend = select_linear_backend(x, weight, bias)
     backend_calls["linear:" + backend] += 1
     if backend == "onednn":
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+            return _OneDNNLinear.apply(x, weight, bias, activation)
         if activation == "gelu":
             return _ONEDNN_LINEAR(x, weight, bias, "gelu", [], "none")
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return linear_ref(x, weight, bias, activation=activation)
+
+
+def _mm_onednn(a: Tensor, b_t: Tensor) -> Tensor:
+    """a @ b_t.T for 2-D fp32 tensors, on oneDNN (b_t plays the [out, in] weight)."""
+    return _ONEDNN_LINEAR(a, b_t, None, "none", [], "")
+
+
+def _grad_weight(dh: Tensor, x: Tensor) -> Tensor:
+    """dh.T @ x ([N, M] @ [M, K]) for contiguous dh [M, N] and x [M, K]. oneDNN is fast here when the
+    result's row count is the smaller side (measured on the FocalNet-T shapes: the other orientation
+    can be 4x slower than MKL), so the product is formed as [K, N] and transposed when K < N."""
+    if x.shape[1] < dh.shape[1]:
+        return _mm_onednn(x.t(), dh.t()).t().contiguous()
+    return _mm_onednn(dh.t(), x.t())
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """y = act(x @ w.T + b) with oneDNN GEMMs forward and backward (fp32, CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, activation):
+        h = _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+        ctx.activation = activation
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(x, weight, h if activation == "gelu" else None)
+        return F.gelu(h) if activation == "gelu" else h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, h = ctx.saved_tensors
+        if ctx.activation == "gelu":
+            dy = torch.ops.aten.gelu_backward(dy, h)
+        dh = dy.reshape(-1, dy.shape[-1]).contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _mm_onednn(dh, weight.t().contiguous()).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            gw = _grad_weight(dh, x.reshape(-1, x.shape[-1]).contiguous())
+        if ctx.needs_input_grad[2]:
+            gb = dh.sum(0)
+        return gx, gw, gb, None

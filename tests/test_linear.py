@@ -1,6 +1,7 @@
-"""focalnet_kernels.linear (oneDNN for CPU inference, F.linear otherwise) against an fp64 linear_ref:
-odd shapes, strided inputs, no bias, the GELU epilogue, NaN / Inf, which backend ran, the fallback
-rules (gradients, dtype, env), torch.compile, argument validation, and the fused model using it."""
+"""focalnet_kernels.linear (oneDNN for fp32 CPU, F.linear otherwise) against an fp64 linear_ref: odd
+shapes, strided inputs, no bias, the GELU epilogue, the training path's gradients, NaN / Inf, which
+backend ran, the fallback rules (dtype, autocast, subclasses, env), torch.compile, argument
+validation, and the fused model using it."""
 import importlib
 
 import pytest
@@ -50,17 +51,52 @@ def test_onednn_matches_fp64(case, bias, strided, activation):
     assert rel_err(y, ref) < 1e-5
 
 
-def test_grad_mode_uses_torch_and_backprops():
-    x, w, b = _inputs((4, 6, 24), 24, 40, seed=3)
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, "gelu"])
+@pytest.mark.parametrize("case", [((4, 6), 24, 40), ((2, 5, 7), 96, 33), ((3, 3, 3), 40, 96)])
+def test_training_path_grads_match_fp64(case, activation):
+    """With a gradient, oneDNN runs forward and backward (grad_x, grad_w in both orientations of
+    _grad_weight, grad_b): every gradient against fp64 autograd of linear_ref, strided x and dy."""
+    shape, k, n = case
+    x, w, b = _inputs(shape + (k,), k, n, seed=3, strided=True)
     x.requires_grad_(True)
     w.requires_grad_(True)
-    before = ops.backend_calls["linear:torch"]
+    b.requires_grad_(True)
+    before = ops.backend_calls["linear:onednn"]
+    y = linear(x, w, b, activation=activation)
+    assert ops.backend_calls["linear:onednn"] == before + 1 and y.requires_grad
+    g = torch.Generator().manual_seed(4)
+    dy = torch.randn(*shape, 2 * n, generator=g)[..., ::2]          # non-contiguous upstream grad
+    y.backward(dy)
+    xd, wd, bd = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    yd = linear_ref(xd, wd, bd, activation=activation)
+    yd.backward(dy.double())
+    assert rel_err(y, yd) < 1e-5
+    for name, got, ref in (("x", x.grad, xd.grad), ("w", w.grad, wd.grad), ("b", b.grad, bd.grad)):
+        assert got.shape == ref.shape and rel_err(got, ref) < 1e-5, name
+
+
+@needs_onednn
+def test_training_path_partial_grads_and_no_double_backward():
+    x, w, b = _inputs((5, 24), 24, 40, seed=5)
+    w.requires_grad_(True)                                      # frozen x and bias
     y = linear(x, w, b, activation="gelu")
-    assert ops.backend_calls["linear:torch"] == before + 1
-    y.square().sum().backward()
-    xd, wd = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
-    linear_ref(xd, wd, b.double(), activation="gelu").square().sum().backward()
-    assert rel_err(x.grad, xd.grad) < 1e-5 and rel_err(w.grad, wd.grad) < 1e-5
+    (gw,) = torch.autograd.grad(y.sum(), [w], create_graph=False)
+    wd = w.detach().double().requires_grad_(True)
+    (gwd,) = torch.autograd.grad(linear_ref(x.double(), wd, b.double(), activation="gelu").sum(), [wd])
+    assert rel_err(gw, gwd) < 1e-5
+    y = linear(x, w, b)
+    (g1,) = torch.autograd.grad(y.square().sum(), [w], create_graph=True)
+    with pytest.raises(RuntimeError):
+        g1.sum().backward()                                     # once_differentiable: says so
+
+
+def test_tensor_subclass_uses_torch():
+    class Sub(torch.Tensor):
+        pass
+    x, w, b = _inputs((5, 24), 24, 8, seed=6)
+    with torch.no_grad():
+        assert select_linear_backend(x.as_subclass(Sub), w, b) == "torch"
 
 
 def test_other_dtypes_use_torch():
@@ -98,8 +134,8 @@ def test_env_backends(monkeypatch):
     with pytest.raises(ValueError, match="FOCALNET_LINEAR_BACKEND"):
         linear(x, w, b)
     monkeypatch.setenv("FOCALNET_LINEAR_BACKEND", "onednn")
-    with pytest.raises(RuntimeError, match="gradient"):
-        linear(x, w.requires_grad_(True), b)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        linear(x.double(), w.double(), b.double())
 
 
 @needs_onednn
