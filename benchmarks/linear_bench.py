@@ -4,9 +4,10 @@
 
 Shapes: every linear of a FocalNet-T block at 224x224 input (stage resolutions 56, 28, 14, 7; widths
 96..768): f (C -> 2C + L + 1), h (C -> C), proj (C -> C), fc1 (C -> 4C, with GELU), fc2 (4C -> C).
-Both sides run under torch.no_grad on the same fp32 tensors, interleaved A/B (alternating which goes
-first), medians reported; "model total" weights each stage by its depth (2, 2, 6, 2). On CPUs where
-FOCALNET_LINEAR_BACKEND=auto picks oneDNN this measures oneDNN against torch's default GEMM (MKL).
+Both sides run on the same fp32 tensors, interleaved A/B (alternating which goes first), medians
+reported: the forward under torch.no_grad, then forward+backward (grad of x, w and b) with autograd;
+"model total" weights each stage by its depth (2, 2, 6, 2). On CPUs where FOCALNET_LINEAR_BACKEND=auto
+picks oneDNN this measures oneDNN against torch's default GEMM (MKL).
 """
 from __future__ import annotations
 
@@ -50,33 +51,47 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch}, fp32, "
           f"medians of {args.reps}, focalnet_kernels {focalnet_kernels.__version__}")
-    print(f"{'stage':>10} {'layer':>6} {'M x K -> N':>22} {'F.linear ms':>12} {'linear ms':>10} {'speedup':>8}  backend")
-    tot_a = tot_b = 0.0
-    with torch.no_grad():
-        for (hw, C), depth in zip(STAGES, DEPTHS):
-            M = args.batch * hw * hw
-            layers = [("f", C, 2 * C + args.levels + 1, None), ("h", C, C, None), ("proj", C, C, None),
-                      ("fc1", C, 4 * C, "gelu"), ("fc2", 4 * C, C, None)]
-            for name, k, n, act in layers:
-                x = torch.randn(args.batch, hw, hw, k, generator=g)
-                w = torch.randn(n, k, generator=g) / k ** 0.5
-                b = torch.randn(n, generator=g)
+    print(f"{'stage':>10} {'layer':>9} {'M x K -> N':>22} {'F.linear ms':>12} {'linear ms':>10} {'speedup':>8}"
+          f"  {'fwd+bwd: F.linear':>17} {'linear':>8} {'speedup':>8}  backend")
+    tot_a = tot_b = tot_ta = tot_tb = 0.0
+    for (hw, C), depth in zip(STAGES, DEPTHS):
+        M = args.batch * hw * hw
+        layers = [("f", C, 2 * C + args.levels + 1, None), ("h", C, C, None), ("proj", C, C, None),
+                  ("fc1", C, 4 * C, "gelu"), ("fc2", 4 * C, C, None)]
+        for name, k, n, act in layers:
+            x = torch.randn(args.batch, hw, hw, k, generator=g)
+            w = torch.randn(n, k, generator=g) / k ** 0.5
+            b = torch.randn(n, generator=g)
 
-                def base(x=x, w=w, b=b, act=act):
-                    y = F.linear(x, w, b)
-                    return F.gelu(y) if act else y
+            def base(x=x, w=w, b=b, act=act):
+                y = F.linear(x, w, b)
+                return F.gelu(y) if act else y
 
-                def ours(x=x, w=w, b=b, act=act):
-                    return linear(x, w, b, activation=act)
+            def ours(x=x, w=w, b=b, act=act):
+                return linear(x, w, b, activation=act)
 
+            with torch.no_grad():
                 ta, tb = _ab(base, ours, args.reps)
-                tot_a += depth * ta
-                tot_b += depth * tb
-                label = name + ("+gelu" if act else "")
-                print(f"{hw:>4}x{hw:<2}x{C:<3} {label:>9} {f'{M} x {k} -> {n}':>22} {ta * 1e3:12.3f} {tb * 1e3:10.3f} "
-                      f"{ta / tb:7.2f}x  {select_linear_backend(x, w, b)}")
-    print(f"model total (depth-weighted): F.linear {tot_a * 1e3:.1f} ms, linear {tot_b * 1e3:.1f} ms, "
-          f"{tot_a / tot_b:.2f}x")
+                backend = select_linear_backend(x, w, b)
+            xg, wg, bg = (t.clone().requires_grad_(True) for t in (x, w, b))
+            dy = torch.randn(args.batch, hw, hw, n, generator=g)
+
+            def base_t(xg=xg, wg=wg, bg=bg, dy=dy, base=base):
+                base(xg, wg, bg).backward(dy)
+
+            def ours_t(xg=xg, wg=wg, bg=bg, dy=dy, ours=ours):
+                ours(xg, wg, bg).backward(dy)
+
+            tta, ttb = _ab(base_t, ours_t, max(3, args.reps // 3))
+            tot_a += depth * ta
+            tot_b += depth * tb
+            tot_ta += depth * tta
+            tot_tb += depth * ttb
+            label = name + ("+gelu" if act else "")
+            print(f"{hw:>4}x{hw:<2}x{C:<3} {label:>9} {f'{M} x {k} -> {n}':>22} {ta * 1e3:12.3f} {tb * 1e3:10.3f} "
+                  f"{ta / tb:7.2f}x  {tta * 1e3:17.3f} {ttb * 1e3:8.3f} {tta / ttb:7.2f}x  {backend}")
+    print(f"model total (depth-weighted): forward F.linear {tot_a * 1e3:.1f} ms, linear {tot_b * 1e3:.1f} ms, "
+          f"{tot_a / tot_b:.2f}x; forward+backward {tot_ta * 1e3:.1f} ms vs {tot_tb * 1e3:.1f} ms, {tot_ta / tot_tb:.2f}x")
 
 
 if __name__ == "__main__":

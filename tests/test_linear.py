@@ -53,10 +53,12 @@ def test_onednn_matches_fp64(case, bias, strided, activation):
 
 @needs_onednn
 @pytest.mark.parametrize("activation", [None, "gelu"])
-@pytest.mark.parametrize("case", [((4, 6), 24, 40), ((2, 5, 7), 96, 33), ((3, 3, 3), 40, 96)])
+@pytest.mark.parametrize("case", [((4, 6), 24, 40), ((2, 5, 7), 96, 33), ((3, 3, 3), 40, 96), ((2, 50), 8, 24),
+                                  ((3, 40), 24, 8)])
 def test_training_path_grads_match_fp64(case, activation):
     """With a gradient, oneDNN runs forward and backward (grad_x, grad_w in both orientations of
-    _grad_weight, grad_b): every gradient against fp64 autograd of linear_ref, strided x and dy."""
+    _grad_weight - (2, 50) x 8 -> 24 takes the transposed one - grad_b): every gradient against fp64
+    autograd of linear_ref, strided x and dy."""
     shape, k, n = case
     x, w, b = _inputs(shape + (k,), k, n, seed=3, strided=True)
     x.requires_grad_(True)
