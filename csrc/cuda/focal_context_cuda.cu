@@ -478,14 +478,27 @@ std::string seg_name(const char* dt, const Segment& s, bool fwd) {
   return n;
 }
 
-template <typename T>
-void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, bool fwd, cudaStream_t st) {
-  const int64_t cblocks = cblocks_of(a);
+// The grid fields every tiled launch's parameter block has (FusedParams, LevelBwdParams), from the
+// arguments and the tile plan (Segment, LevelPlan).
+template <class Params, class TilePlan>
+void set_tile_grid(Params& P, const FocalContextArgs& a, const TilePlan& g, int64_t cblocks) {
   P.B = a.B;
   P.H = a.H;
   P.W = a.W;
   P.C = a.C;
   P.L = a.L;
+  P.TH = g.TH;
+  P.TW = g.TW;
+  P.accP = g.accP;
+  P.ntw = g.ntw;
+  P.ntiles = g.ntiles;
+  P.cblocks = (int)cblocks;
+}
+
+template <typename T>
+void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, bool fwd, cudaStream_t st) {
+  const int64_t cblocks = cblocks_of(a);
+  set_tile_grid(P, a, s, cblocks);
   P.l0 = s.l0;
   P.nl = s.nl;
   for (int j = 0; j < 4; ++j) {
@@ -497,12 +510,6 @@ void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, b
     P.R[j] = s.R[j];
     P.pitch[j] = s.pitch[j];
   }
-  P.TH = s.TH;
-  P.TW = s.TW;
-  P.accP = s.accP;
-  P.ntw = s.ntw;
-  P.ntiles = s.ntiles;
-  P.cblocks = (int)cblocks;
   P.offA = s.offA;
   P.offB = s.offB;
   P.offG = s.offG;
@@ -649,18 +656,8 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
   for (int l = L - 1; l >= 0; --l) {
     const LevelPlan& g = pl.lv[l];
     LevelBwdParams P{};
-    P.B = B;
-    P.H = H;
-    P.W = W;
-    P.C = C;
-    P.L = L;
+    set_tile_grid(P, a, g, cblocks);
     P.l = l;
-    P.TH = g.TH;
-    P.TW = g.TW;
-    P.accP = g.accP;
-    P.ntw = g.ntw;
-    P.ntiles = g.ntiles;
-    P.cblocks = (int)cblocks;
     P.nslots = g.nslots;
     P.pX = g.pX;
     P.pZ = g.pZ;
