@@ -620,24 +620,22 @@ def plan_gpu(run: Run) -> List[Task]:
     tasks.append(Task("bandwidth", 5.0, task_bandwidth))
     first, rest = sizes[:1], sizes[1:]
     op_dtype = cfg.op_dtypes[0] if cfg.op_dtypes else head
-    for s in first:                                   # the essentials (what --quick keeps)
-        op(s, op_backends_main, op_dtype, "[" + ", ".join(op_backends_main) + "]")
+    def infer_and_equiv(s):   # the large batches in the head dtype, equivalence in every dtype
         for i, b in enumerate(big):
             infer(s, head, b, eager_modes, swin_eager)
             if i == 0:
                 equiv(s, equiv_dtypes[0])
         for d in equiv_dtypes[1:]:
             equiv(s, d)
+
+    for s in first:                                   # the essentials (what --quick keeps)
+        op(s, op_backends_main, op_dtype, "[" + ", ".join(op_backends_main) + "]")
+        infer_and_equiv(s)
         train(s)
         if comp_modes and big:
             compiled(s, head, big[0])
     for s in rest:                                    # the other sizes
-        for i, b in enumerate(big):
-            infer(s, head, b, eager_modes, swin_eager)
-            if i == 0:
-                equiv(s, equiv_dtypes[0])
-        for d in equiv_dtypes[1:]:
-            equiv(s, d)
+        infer_and_equiv(s)
     for s in rest:
         op(s, op_backends_main, op_dtype, "[" + ", ".join(op_backends_main) + "]")
     for s in rest:
