@@ -123,6 +123,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *,
     backend = select_linear_backend(x, weight, bias)
     backend_calls["linear:" + backend] += 1
     if backend == "onednn":
+        # the oneDNN op reads the bias (and, to be safe, the weight) as dense: a strided bias view
+        # gave wrong sums (x may have any strides: it is copied inside when needed)
+        weight = weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
             return _OneDNNLinear.apply(x, weight, bias, activation)
         if activation == "gelu":

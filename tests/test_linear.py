@@ -21,13 +21,17 @@ def rel_err(a, b):
 
 
 def _inputs(shape, k, n, seed, strided=False, bias=True):
+    """strided: x every other row of a wider tensor with a feature slice of a bigger last dim, the
+    weight a transposed view, the bias every other element (a strided bias once gave wrong sums)."""
     g = torch.Generator().manual_seed(seed)
-    if strided:   # every other row of a wider tensor, feature slice of a bigger last dim
+    if strided:
         x = torch.randn(*shape[:-1], 2, k + 5, generator=g)[..., 0, 2:k + 2]
+        w = (torch.randn(k, n, generator=g) / k ** 0.5).t()
+        b = torch.randn(2 * n, generator=g)[::2] if bias else None
     else:
         x = torch.randn(*shape[:-1], k, generator=g)
-    w = torch.randn(n, k, generator=g) / k ** 0.5
-    b = torch.randn(n, generator=g) if bias else None
+        w = torch.randn(n, k, generator=g) / k ** 0.5
+        b = torch.randn(n, generator=g) if bias else None
     return x, w, b
 
 
