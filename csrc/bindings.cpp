@@ -68,6 +68,7 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("focal_context_bwd_cpu", &focalnet::focal_context_bwd_cpu, py::arg("args"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("focal_context_cpu_isa", &focalnet::focal_context_cpu_isa);
 #ifdef FOCALNET_WITH_CUDA
   m.def("focal_context_workspace_bytes_cuda", &focalnet::focal_context_workspace_bytes_cuda,
         py::arg("args"), py::arg("backward"));

@@ -50,6 +50,9 @@ struct FocalContextArgs {
 int64_t focal_context_workspace_bytes_cpu(const FocalContextArgs& a, bool backward);
 void focal_context_fwd_cpu(const FocalContextArgs& a);
 void focal_context_bwd_cpu(const FocalContextArgs& a);
+// The instruction-set path the CPU functions run with now ("avx512", "avx2" or "base": the best the
+// CPU has, capped by FOCALNET_CPU_ISA), so tests can prove which kernel instantiation ran.
+const char* focal_context_cpu_isa();
 
 #ifdef FOCALNET_WITH_CUDA
 int64_t focal_context_workspace_bytes_cuda(const FocalContextArgs& a, bool backward);

@@ -303,6 +303,7 @@ _isa_refs = {}
 def test_isa_path(isa, monkeypatch):
     """Every kernel instantiation this CPU can run (FOCALNET_CPU_ISA caps the runtime dispatch)."""
     monkeypatch.setenv("FOCALNET_CPU_ISA", isa)
+    assert _C.focal_context_cpu_isa() == isa   # that instantiation, not a silent lower one, runs
     for i, (dtype, (H, W, C, ks)) in enumerate(_ISA_CASES):
         ctx, gates, weights, grad_out = make_inputs(2, H, W, C, ks, dtype=dtype, seed=2)
         out, pooled, gc, gg, gw = run_native(ctx, gates, weights, False, grad_out)
@@ -324,6 +325,7 @@ def test_gelu_pointwise_accuracy(isa, monkeypatch):
     |error| <= 1e-7 |x| + 4 ulp of the value (of Phi + |x phi| for GELU', which cancels near -0.75)
     + 1e-30 for each element, on every instruction-set path."""
     monkeypatch.setenv("FOCALNET_CPU_ISA", isa)
+    assert _C.focal_context_cpu_isa() == isa
     grid = torch.linspace(-10.0, 10.0, 16001)
     edges = torch.arange(-40, 41, dtype=torch.float32) / 4
     x = torch.cat([grid, edges, edges.nextafter(torch.tensor(-100.0)), edges.nextafter(torch.tensor(100.0))])

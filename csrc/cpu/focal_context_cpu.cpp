@@ -187,6 +187,14 @@ int dispatch(const FocalContextArgs& a, const Plan& pl, float* ws, bool backward
 }  // namespace
 }  // namespace cpu
 
+const char* focal_context_cpu_isa() {
+  switch (cpu::choose_isa()) {
+    case cpu::Isa::kAvx512: return "avx512";
+    case cpu::Isa::kAvx2: return "avx2";
+    default: return "base";
+  }
+}
+
 int64_t focal_context_workspace_bytes_cpu(const FocalContextArgs& a, bool backward) {
   return cpu::plan_bytes(cpu::make_plan(a, backward, "focal_context_workspace_bytes_cpu"));
 }

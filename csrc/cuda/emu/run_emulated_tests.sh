@@ -26,6 +26,7 @@ namespace focalnet {
 int64_t focal_context_workspace_bytes_cpu(const FocalContextArgs&, bool) { return 0; }
 void focal_context_fwd_cpu(const FocalContextArgs&) { throw std::runtime_error("not in the emulated module"); }
 void focal_context_bwd_cpu(const FocalContextArgs&) { throw std::runtime_error("not in the emulated module"); }
+const char* focal_context_cpu_isa() { return "base"; }
 }
 CPP
 pids=()
