@@ -54,20 +54,18 @@ autotuned BLOCK_C) drops the channel masks so loads vectorise.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ..reference import gelu_grad
+from .focal_context_fwd import _INTERPRET, _gelu
 
-_INV_SQRT2 = 0.7071067811865476     # host side
-_INV_SQRT_2PI = 0.3989422804014327
 # kernel side: jit functions may only read constexpr globals
-_K_INV_SQRT2 = tl.constexpr(_INV_SQRT2)
-_K_INV_SQRT_2PI = tl.constexpr(_INV_SQRT_2PI)
+_K_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_K_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 # --------------------------------------------------------------------------------------------
 # configs
@@ -198,7 +196,7 @@ def _bwd_global_kernel(dout_ptr, sdb, sdh, sdw, sdc,
         m2 = tm[:, None] & cm[None, :]
         d = tl.load(dout_ptr + doff[:, None] + cc.to(tl.int64)[None, :] * sdc, mask=m2, other=0.0).to(tl.float32)
         p = tl.load(pooled_ptr + b * C + cc, mask=cm, other=0.0)
-        gp = 0.5 * p * (1.0 + tl.math.erf(p * _K_INV_SQRT2))
+        gp = _gelu(p)
         gdot += tl.sum(d * gp[None, :], axis=1)
         part = tl.sum(d * gl[:, None], axis=0)
         tl.store(dpart_ptr + (b64 * nblk + blk) * C + cc, part, mask=cm)
@@ -227,7 +225,7 @@ def _dwconv_kernel(src_ptr, s_b, s_h, s_w, s_c, w_ptr, dst_ptr, B, H, W, C,
     y = _dwconv_tile(src_ptr, s_b, s_h, s_w, s_c, w_ptr, b, hh, ww, cc64, cc, cm, H, W, C,
                      K, FLIP, TILE, BLOCK_C)
     if GELU:
-        y = 0.5 * y * (1.0 + tl.math.erf(y * _K_INV_SQRT2))
+        y = _gelu(y)
     valid = (hh < H) & (ww < W)
     tok = (b.to(tl.int64) * H + hh) * W + ww
     tl.store(dst_ptr + (tok * C)[:, None] + cc64[None, :], y.to(dst_ptr.dtype.element_ty),
@@ -359,9 +357,7 @@ def focal_context_bwd_triton(grad_out: torch.Tensor, ctx: torch.Tensor, gates: t
         grad_out, *grad_out.stride(), gates, *gates.stride(), pooled, grad_gates, dpart,
         H, W, C, L, s, BLOCK_HW=_G_BLOCK_HW, BLOCK_C=_G_BLOCK_C, EVEN_C=C % _G_BLOCK_C == 0,
         num_warps=_G_NUM_WARPS, num_stages=_NUM_STAGES)
-    cdf = 0.5 * (1.0 + torch.erf(pooled * _INV_SQRT2))
-    gelu_grad = cdf + pooled * torch.exp(-0.5 * pooled * pooled) * _INV_SQRT_2PI
-    dxg = (gelu_grad * dpart.sum(1) * (s / HW)).contiguous()  # [B, C] fp32
+    dxg = (gelu_grad(pooled) * dpart.sum(1) * (s / HW)).contiguous()  # [B, C] fp32
     del dpart
 
     # (2) recompute x_1 .. x_{L-1} (fp32 scratch)
