@@ -254,6 +254,25 @@ def time_loop(fn: Callable[[], None], n: int, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
+def ab_samples(fa: Callable[[], object], fb: Callable[[], object], reps: int,
+               warmup: int = 2) -> "tuple[List[float], List[float]]":
+    """Interleaved A/B timing on the CPU: `warmup` calls of each, then `reps` single-call wall times
+    of each, A first on even repetitions and B first on odd ones (so neither side always runs in the
+    other's wake). Returns the two lists of seconds."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta: List[float] = []
+    tb: List[float] = []
+    for r in range(reps):
+        order = ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta))
+        for fn, acc in order:
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return ta, tb
+
+
 def wall(fn: Callable[[], None], device: torch.device) -> float:
     """Synchronised wall-clock seconds of one call (used for first calls: compile time)."""
     sync(device)

@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from focalnet_kernels import native
+
+from .common import ab_samples
 
 SHAPES = [  # (name, H, W, C)
     ("stage1 56x56x96", 56, 56, 96),
@@ -46,12 +47,6 @@ def eager_context(ctx_cl, gates_cl, kernels4d, normalize=False):
     if normalize:
         ctx_all = ctx_all / (L + 1)
     return ctx_all
-
-
-def _timeit(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def bench_case(B, H, W, C, ks, reps, warmup=2):
@@ -87,17 +82,7 @@ def bench_case(B, H, W, C, ks, reps, warmup=2):
 
     res = {}
     for name, a_fn, b_fn in (("fwd", eager_fwd, native_fwd), ("fwd+bwd", eager_fwdbwd, native_fwdbwd)):
-        for _ in range(warmup):
-            a_fn()
-            b_fn()
-        ta, tb = [], []
-        for r in range(reps):   # interleaved A/B (alternating which goes first)
-            if r % 2 == 0:
-                ta.append(_timeit(a_fn))
-                tb.append(_timeit(b_fn))
-            else:
-                tb.append(_timeit(b_fn))
-                ta.append(_timeit(a_fn))
+        ta, tb = ab_samples(a_fn, b_fn, reps, warmup)   # interleaved A/B (alternating which goes first)
         res[name] = (statistics.median(ta), statistics.median(tb), min(ta), min(tb))
     return res
 

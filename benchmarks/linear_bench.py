@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -21,21 +20,14 @@ import torch.nn.functional as F
 import focalnet_kernels
 from focalnet_kernels import linear, select_linear_backend
 
+from .common import ab_samples
+
 STAGES = [(56, 96), (28, 192), (14, 384), (7, 768)]
 DEPTHS = [2, 2, 6, 2]
 
 
-def _ab(fa, fb, reps, warmup=2):
-    for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
-    for r in range(reps):
-        order = ((fa, ta), (fb, tb)) if r % 2 == 0 else ((fb, tb), (fa, ta))
-        for fn, acc in order:
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
+def _ab(fa, fb, reps):
+    ta, tb = ab_samples(fa, fb, reps)
     return statistics.median(ta), statistics.median(tb)
 
 

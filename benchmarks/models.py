@@ -1,7 +1,6 @@
 """Model builders of the benchmark: FocalNet (this project) and Swin (timm, else transformers)."""
 from __future__ import annotations
 
-import os
 import re
 from typing import Dict, List, Tuple
 
@@ -157,14 +156,3 @@ def stage_shapes(name_or_size: str, *, tiny: bool, img_size: int) -> List[Tuple[
     embed = TINY_FOCALNET["embed_dim"] if tiny else (128 if size == "base" else 96)
     r = img_size // 4
     return [(r >> i, r >> i, embed << i) for i in range(4)]
-
-
-def env_note() -> Dict:
-    return {k: os.environ[k] for k in ("TIMM_FUSED_ATTN",) if k in os.environ}
-
-
-def to_device(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model

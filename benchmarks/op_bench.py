@@ -1,6 +1,7 @@
 """The focal_context op benchmark: every backend, every stage shape, time and fraction of the HBM floor."""
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -135,8 +136,8 @@ def backend_skip_reason(backend: str, device: torch.device, dtype: torch.dtype, 
 def run_op_entry(*, size: str, stage: int, shape: Tuple[int, int, int, int], L: int, dtype: torch.dtype,
                  direction: str, backend: str, device: torch.device, rep_ms: float, max_calls: int,
                  min_calls: int, bandwidth_Bps: Optional[float], compiled: Dict, flush: Optional[L2Flusher],
-                 sets: Optional[List[OpInputs]] = None, l2: int = 50 * 2 ** 20) -> Dict:
-    """Time one (shape, L, dtype, direction, backend) cell; `sets` are rotated input sets (made if None)."""
+                 sets: List[OpInputs]) -> Dict:
+    """Time one (shape, L, dtype, direction, backend) cell; `sets` are the rotated input sets."""
     B, H, W, C = shape
     esize = torch.tensor([], dtype=dtype).element_size()
     fb = floor_bytes(B, H, W, C, L, esize, direction)
@@ -146,8 +147,6 @@ def run_op_entry(*, size: str, stage: int, shape: Tuple[int, int, int, int], L: 
     bwd = direction == "fwd+bwd"
     try:
         fn, env_value = _backend_call(backend, compiled)
-        if sets is None:
-            sets = make_input_sets(B, H, W, C, L, dtype, device, bwd=bwd, l2=l2)
         one = sets[0]
         entry["input_sets"] = len(sets)
         idx = [0]
@@ -163,7 +162,7 @@ def run_op_entry(*, size: str, stage: int, shape: Tuple[int, int, int, int], L: 
                 with torch.no_grad():
                     fn(s.ctx, s.gates, s.kernels)
 
-        with env_var("FOCALNET_KERNELS_BACKEND", env_value) if env_value else _nullcontext():
+        with env_var("FOCALNET_KERNELS_BACKEND", env_value) if env_value else contextlib.nullcontext():
             first = wall(call, device)  # includes JIT / compile of this configuration
             for _ in range(2):
                 call()
@@ -191,14 +190,6 @@ def run_op_entry(*, size: str, stage: int, shape: Tuple[int, int, int, int], L: 
                 s.zero_grads()
         free_memory(device)
     return entry
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def compiled_reference(L: int, direction: str, compile_backend: str, cache: Dict) -> Dict:

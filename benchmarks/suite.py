@@ -216,6 +216,12 @@ def _backend_counts() -> collections.Counter:
         return collections.Counter()
 
 
+def _backends_ran_since(before: collections.Counter) -> Dict[str, int]:
+    """Which backends ran (and how often) since `before` = _backend_counts()."""
+    after = _backend_counts()
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
 def _make_inputs(run: Run, batch: int, seed: int) -> List[torch.Tensor]:
     cfg = run.cfg
     shape = (batch, 3, cfg.img_size, cfg.img_size)
@@ -231,7 +237,7 @@ def _make_inputs(run: Run, batch: int, seed: int) -> List[torch.Tensor]:
     return xs
 
 
-def _warm_and_calibrate(run: Run, members: List[Member], inputs: List[torch.Tensor], what: str) -> None:
+def _warm_and_calibrate(run: Run, members: List[Member], inputs: List[torch.Tensor]) -> None:
     cfg = run.cfg
     for m in members:
         if m.compiled and not run.budget.allows(cfg.compile_est_s + 10):
@@ -242,8 +248,7 @@ def _warm_and_calibrate(run: Run, members: List[Member], inputs: List[torch.Tens
             with m.context():
                 before = _backend_counts()
                 m.first_call_s = wall(lambda: m.step(inputs), run.device)  # compile happens here
-                after = _backend_counts()
-                m.backends_ran = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+                m.backends_ran = _backends_ran_since(before)
                 for _ in range(cfg.warmup + (2 if m.compiled else 0)):  # compiled code settles after a few calls
                     m.step(inputs)
                 sync(run.device)
@@ -332,7 +337,7 @@ def task_inference(run: Run, size: str, dtype: torch.dtype, batch: int, modes: S
     if not members:
         return
     inputs = _make_inputs(run, batch, seed=batch)
-    _warm_and_calibrate(run, members, inputs, "inference")
+    _warm_and_calibrate(run, members, inputs)
     if anchor_equivalence:  # compiled modes against the eager anchor, same weights, same input
         _equivalence_from_members(run, members, inputs[0], dtype, batch)
     _timed_reps(run, members, inputs)
@@ -383,7 +388,7 @@ def task_equivalence(run: Run, size: str, dtype: torch.dtype, batch: int) -> Non
                     eager = base(x).float()
                     before = _backend_counts()
                     fz = fused(x).float()
-                    after = _backend_counts()
+                    ran = _backends_ran_since(before)
                     outs = {"fused": fz}
                     if run.cuda_backend_available():
                         with env_var("FOCALNET_KERNELS_BACKEND", "cuda"):
@@ -394,7 +399,7 @@ def task_equivalence(run: Run, size: str, dtype: torch.dtype, batch: int) -> Non
                        max_rel_fused_vs_fp32=_max_rel(fz, ref32),
                        rel_l2_fused_vs_eager=float((fz - eager).norm() / eager.norm().clamp_min(1e-30)),
                        max_rel_vs_eager={k: _max_rel(v, eager) for k, v in outs.items()},
-                       backends_ran={k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)})
+                       backends_ran=ran)
             log(f"    {M.label(name):16s} {DTYPE_NAMES[dtype]}: fused vs eager max rel {rec['max_rel_fused_vs_eager']:.2e}"
                 f" (eager vs fp32 {rec['max_rel_eager_vs_fp32']:.2e})")
         except Exception as e:
@@ -450,7 +455,7 @@ def task_training(run: Run, size: str, dtype: torch.dtype, batch: int, modes: Se
     if not members:
         return
     inputs = _make_inputs(run, batch, seed=7)
-    _warm_and_calibrate(run, members, inputs, "training")
+    _warm_and_calibrate(run, members, inputs)
     # peak memory of one step, per member (the other members' states are resident, so the step's own
     # transient peak is measured and the member's persistent state is added)
     for m, mod, opt in holders:

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from benchmarks.common import env_var  # noqa: E402
+from benchmarks.common import env_var, sync  # noqa: E402
 from benchmarks.op_bench import OpInputs, backend_skip_reason, focal_context_eager  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -47,11 +47,6 @@ def _setup(dev, shape, L, backend, grad):
     return device, inp, fn, env
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @pytest.mark.parametrize("dev,shape,L,backend", list(_cases()))
 def test_focal_context_fwd(benchmark, dev, shape, L, backend):
     device, inp, fn, env = _setup(dev, shape, L, backend, grad=False)
@@ -59,7 +54,7 @@ def test_focal_context_fwd(benchmark, dev, shape, L, backend):
     def run():
         with torch.no_grad():
             out = fn(inp.ctx, inp.gates, inp.kernels)
-        _sync(device)
+        sync(device)
         return out
 
     with env_var("FOCALNET_KERNELS_BACKEND", env):
@@ -76,7 +71,7 @@ def test_focal_context_fwd_bwd(benchmark, dev, shape, L, backend):
         inp.zero_grads()
         out = fn(inp.ctx, inp.gates, inp.kernels)
         out.backward(inp.grad)
-        _sync(device)
+        sync(device)
         return inp.y.grad
 
     with env_var("FOCALNET_KERNELS_BACKEND", env):
