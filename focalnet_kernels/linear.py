@@ -25,7 +25,6 @@ from MKL's in rounding only (summation order): ~1e-7 relative in fp32.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -34,7 +33,7 @@ from torch import Tensor
 
 from torch.autograd.function import once_differentiable
 
-from .ops import backend_calls
+from .ops import backend_calls, forced_backend
 
 LINEAR_BACKENDS = ("auto", "onednn", "torch")
 ACTIVATIONS = (None, "gelu")
@@ -90,9 +89,7 @@ def _onednn_unsupported(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Op
 
 def select_linear_backend(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> str:
     """The backend `linear` runs this call on ("onednn" or "torch"); reads FOCALNET_LINEAR_BACKEND now."""
-    forced = os.environ.get("FOCALNET_LINEAR_BACKEND", "auto").strip().lower() or "auto"
-    if forced not in LINEAR_BACKENDS:
-        raise ValueError(f"FOCALNET_LINEAR_BACKEND={forced!r} is not one of {', '.join(LINEAR_BACKENDS)}")
+    forced = forced_backend("FOCALNET_LINEAR_BACKEND", LINEAR_BACKENDS)
     if forced == "torch":
         return "torch"
     why = _onednn_unsupported(x, weight, bias)

@@ -9,7 +9,7 @@ torch and hand raw pointers, sizes and element strides to ``_C`` through ``Focal
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -18,23 +18,9 @@ __all__ = ["available", "build_info", "focal_context_fwd_native", "focal_context
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_LEVELS = 4
 
-_C = None
-_C_error: Optional[BaseException] = None
-_C_tried = False
-
-
 def _ext():
-    """The compiled extension, imported on first use; None when it is not built or fails to load."""
-    global _C, _C_error, _C_tried
-    if not _C_tried:
-        _C_tried = True
-        try:
-            from focalnet_kernels import _C as mod  # noqa: WPS433 (lazy on purpose)
-
-            _C = mod
-        except Exception as e:  # not built (FOCALNET_SKIP_EXT=1), ABI mismatch, missing runtime...
-            _C_error = e
-            _C = None
+    """The compiled extension, or None: the package imports it once (and warns why when it cannot)."""
+    from . import _C
     return _C
 
 
@@ -60,10 +46,7 @@ def available(device_type) -> bool:
 def _require_ext(device_type: str):
     mod = _ext()
     if mod is None:
-        raise RuntimeError(
-            "focalnet_kernels._C is not built (reinstall without FOCALNET_SKIP_EXT=1)"
-            + (f": {_C_error!r}" if _C_error is not None else "")
-        )
+        raise RuntimeError("focalnet_kernels._C is not built (reinstall without FOCALNET_SKIP_EXT=1)")
     if not available(device_type):
         raise RuntimeError(
             f"focalnet_kernels._C was built without the {device_type} backend "

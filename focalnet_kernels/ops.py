@@ -79,11 +79,17 @@ def _supported_by_kernels(ctx: Tensor, ksizes: Sequence[int]) -> Optional[str]:
     return None
 
 
+def forced_backend(var: str, choices: Sequence[str]) -> str:
+    """The backend environment variable `var`, read now: one of `choices` ("auto" when unset or empty)."""
+    forced = os.environ.get(var, "auto").strip().lower() or "auto"
+    if forced not in choices:
+        raise ValueError(f"{var}={forced!r} is not one of {', '.join(choices)}")
+    return forced
+
+
 def select_backend(ctx: Tensor, ksizes: Sequence[int]) -> str:
     """The backend a call with these inputs runs on (reads FOCALNET_KERNELS_BACKEND now)."""
-    forced = os.environ.get("FOCALNET_KERNELS_BACKEND", "auto").strip().lower() or "auto"
-    if forced not in BACKENDS:
-        raise ValueError(f"FOCALNET_KERNELS_BACKEND={forced!r} is not one of {', '.join(BACKENDS)}")
+    forced = forced_backend("FOCALNET_KERNELS_BACKEND", BACKENDS)
     dev = ctx.device.type
     if forced == "reference":
         return "reference"
