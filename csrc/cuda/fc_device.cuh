@@ -147,12 +147,6 @@ __device__ __forceinline__ void sm_load8(const float* s, float (&v)[8]) {
   v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
 }
 
-// A 4-D tensor view in elements, (B, H, W, C) order.
-struct View4 {
-  const void* p;
-  int64_t s[4];
-};
-
 // Loads rows x cols positions (image origin gh0, gw0) of channels [c0, c0+8) of image b into a
 // shared map with the given pitch; positions outside the image (and channels >= nvalid) are 0.
 template <typename E>

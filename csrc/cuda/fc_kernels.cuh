@@ -39,7 +39,7 @@ struct FusedParams {
   int64_t gs[4];
   const float* w[4]; // weights of the segment's levels, [C][k][k]
   int fwd;           // 1: forward (gated sum, out, pooled partials); 0: recompute (store levels only)
-  int acc_in, acc_out, final_out;
+  int acc_in, final_out;
   float* acc_ws;     // fp32 contiguous B x H x W x C running gated sum (multi-segment forward)
   int ws_vec;        // fp32 contiguous workspace maps allow 16-byte access (C % 4 == 0)
   float* X[5];       // X[l]: fp32 contiguous map of level l (1 <= l <= L-1), where needed
@@ -50,7 +50,7 @@ struct FusedParams {
   float scale;
 };
 
-template <typename T, int KMAX, bool KFIX>
+template <int KMAX, bool KFIX>
 __device__ __forceinline__ void fused_level(const FusedParams& P, float* sm, int j, int k, bool keep, int64_t b,
                                             int h0, int w0, int64_t c0, int nvalid, float& psum) {
   constexpr int V = vblock(KMAX);
@@ -180,12 +180,12 @@ __global__ void __launch_bounds__(NT, 2) fc_fused_kernel(const FusedParams P) {
   float psum = 0.f;
   if constexpr (LC == 0) {
     for (int j = 0; j < nl; ++j)
-      fused_level<T, KMAX_ALL, false>(P, sm, j, P.k[j], j < nl - 1, b, h0, w0, c0, nvalid, psum);
+      fused_level<KMAX_ALL, false>(P, sm, j, P.k[j], j < nl - 1, b, h0, w0, c0, nvalid, psum);
   } else {
-    fused_level<T, K0, true>(P, sm, 0, K0, LC > 1, b, h0, w0, c0, nvalid, psum);
-    if constexpr (LC > 1) fused_level<T, K1, true>(P, sm, 1, K1, LC > 2, b, h0, w0, c0, nvalid, psum);
-    if constexpr (LC > 2) fused_level<T, K2, true>(P, sm, 2, K2, LC > 3, b, h0, w0, c0, nvalid, psum);
-    if constexpr (LC > 3) fused_level<T, K3, true>(P, sm, 3, K3, false, b, h0, w0, c0, nvalid, psum);
+    fused_level<K0, true>(P, sm, 0, K0, LC > 1, b, h0, w0, c0, nvalid, psum);
+    if constexpr (LC > 1) fused_level<K1, true>(P, sm, 1, K1, LC > 2, b, h0, w0, c0, nvalid, psum);
+    if constexpr (LC > 2) fused_level<K2, true>(P, sm, 2, K2, LC > 3, b, h0, w0, c0, nvalid, psum);
+    if constexpr (LC > 3) fused_level<K3, true>(P, sm, 3, K3, false, b, h0, w0, c0, nvalid, psum);
   }
 
   if (!P.fwd) return;

@@ -571,7 +571,6 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
     FusedParams P = segment_inputs(a, s, X, ctx_vec, ws_vec);
     const bool final_out = s.l0 + s.nl == L;
     P.acc_in = s.l0 > 0;
-    P.acc_out = !final_out;
     P.final_out = final_out;
     P.acc_ws = acc;
     P.ws_vec = ws_vec;
