@@ -77,8 +77,9 @@ def backend(monkeypatch):
 
 
 def rel_err(a, b):
-    a = a.double()
-    b = b.double()
+    """||a - b|| / ||b|| in fp64 on the CPU (any device, any dtype)."""
+    a = a.detach().cpu().double()
+    b = b.detach().cpu().double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 

@@ -21,9 +21,7 @@ if not native.available("cpu"):
     )
 
 from focalnet_kernels import _C  # noqa: E402
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
+from conftest import TOL, rel_err  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # fp64 reference (the contract math)
@@ -60,11 +58,6 @@ def reference_grads(ctx, gates, weights, normalize, grad_out, dtype=torch.float6
     finally:
         torch.set_num_threads(threads)
     return out.detach(), pooled.detach(), c.grad, g.grad, [w.grad for w in ws]
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def check(name, got, ref64, ref32, tol):

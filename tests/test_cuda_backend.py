@@ -13,11 +13,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL, rel_err
 
 pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"  # every tensor of these tests lives here
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -98,12 +98,6 @@ def reference(ctx, gates, weights, normalize, grad_out=None):
         grads = torch.autograd.grad(out, [c, g] + ws, grad_out.detach().cpu().double())
         r.update(grad_ctx=grads[0], grad_gates=grads[1], grad_w=list(grads[2:]))
     return r
-
-
-def rel_err(a, b):
-    a = a.detach().cpu().double()
-    b = b.detach().cpu().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _check_pooled(pooled, r, tol):

@@ -8,16 +8,12 @@ import pytest
 import torch
 
 from focalnet_kernels import linear, linear_ref, ops, select_linear_backend
+from conftest import rel_err
 
 lin_mod = importlib.import_module("focalnet_kernels.linear")   # the module (the package exports the function)
 
 ONEDNN = lin_mod._ONEDNN_LINEAR is not None
 needs_onednn = pytest.mark.skipif(not ONEDNN, reason="this torch build has no oneDNN (mkldnn) linear")
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _inputs(shape, k, n, seed, strided=False, bias=True):

@@ -23,9 +23,7 @@ pytest.importorskip("triton")
 
 from focalnet_kernels.triton import focal_context_fwd as fwd_mod  # noqa: E402
 from focalnet_kernels.triton.focal_context_fwd import focal_context_fwd_triton  # noqa: E402
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
-
+from conftest import TOL, rel_err  # noqa: E402
 
 def _gelu64(x):
     return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
@@ -64,10 +62,6 @@ def make_inputs(B, H, W, C, ks, dtype, layout, gen):
     # weights ~ 1/k so that the levels stay O(1)
     weights = [torch.randn(C, k, k, generator=gen) * (1.5 / k) for k in ks]
     return ctx, gates, weights
-
-
-def rel_err(a, b):
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture
