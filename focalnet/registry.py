@@ -11,7 +11,6 @@ _LRF = dict(focal_levels=(3, 3, 3, 3), focal_windows=(3, 3, 3, 3))
 _T, _S = dict(depths=(2, 2, 6, 2)), dict(depths=(2, 2, 18, 2))
 _BIG = dict(depths=(2, 2, 18, 2), use_conv_embed=True, use_postln=True, use_layerscale=True)
 _FL3W5 = dict(focal_levels=(3, 3, 3, 3), focal_windows=(5, 5, 5, 5))
-_FL3 = dict(focal_levels=(3, 3, 3, 3), focal_windows=(3, 3, 3, 3))
 _FL4 = dict(focal_levels=(4, 4, 4, 4), focal_windows=(3, 3, 3, 3))
 
 #: name -> FocalNet constructor arguments (every variant defaults to num_classes=1000).
@@ -26,7 +25,7 @@ MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
     "focalnet_large_fl4": dict(embed_dim=192, **_BIG, **_FL4, normalize_modulator=True),  # official yaml
     "focalnet_xlarge_fl3": dict(embed_dim=256, **_BIG, **_FL3W5),
     "focalnet_xlarge_fl4": dict(embed_dim=256, **_BIG, **_FL4),
-    "focalnet_huge_fl3": dict(embed_dim=352, **_BIG, **_FL3, use_postln_in_modulation=True),
+    "focalnet_huge_fl3": dict(embed_dim=352, **_BIG, **_LRF, use_postln_in_modulation=True),
     "focalnet_huge_fl4": dict(embed_dim=352, **_BIG, **_FL4, use_postln_in_modulation=True),
 }
 
