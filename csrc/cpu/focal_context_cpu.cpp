@@ -112,7 +112,7 @@ Plan make_plan(const FocalContextArgs& a, bool backward, const char* fn) {
     if (pl.NT == 1) {   // fused per-image backward: per-thread slots instead of full-batch maps
       pl.slots = std::max<int64_t>(1, std::min<int64_t>(a.B * pl.NCB, omp_get_max_threads()));
       pl.off_ggp = take(a.B * pl.NCB * a.H * a.W * (a.L + 1));
-      pl.slot_floats = isa_base::single_slot_floats(pl);
+      pl.slot_floats = single_slot_floats(pl);
       pl.off_slots = take(pl.slots * pl.slot_floats);
     } else {
       pl.off_z = take(a.L * pl.map_elems);

@@ -58,6 +58,25 @@ struct Plan {
   int64_t total = 0;       // floats
 };
 
+// Floats of one thread's scratch (Scratch in the kernels, laid out by Scratch::carve): two halo
+// buffers, two tiles, two rows, and two gate tiles rounded up to kCB.
+inline int64_t scratch_floats(const Plan& pl) {
+  const int64_t halo = pl.BH * pl.BW * kCB, tile = pl.TH * pl.TW * kCB;
+  const int64_t gts = ((pl.TH * pl.TW * (pl.L + 1) + kCB - 1) / kCB) * kCB;
+  return 2 * halo + 2 * tile + 2 * pl.BW * kCB + 2 * gts;
+}
+
+// Floats of one per-thread slot of the single-tile backward: the scratch, then the padded level
+// maps, (H + 2 p_l) x (W + 2 p_l) x kCB each: GELU'(z_l) / dz_l for every level, x_l for l >= 1.
+inline int64_t single_slot_floats(const Plan& pl) {
+  int64_t n = scratch_floats(pl);
+  for (int l = 0; l < pl.L; ++l) {
+    const int64_t m = (pl.H + 2 * pl.P[l]) * (pl.W + 2 * pl.P[l]) * kCB;
+    n += (l == 0) ? m : 2 * m;
+  }
+  return ((n + kCB - 1) / kCB) * kCB;
+}
+
 // Kernel entry points of one ISA instantiation. They return 0, or a nonzero code when a per-thread
 // scratch allocation failed (the caller turns it into std::runtime_error).
 #define FOCALNET_CPU_DECLARE_ISA(ns)                                   \
