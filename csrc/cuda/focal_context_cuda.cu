@@ -527,10 +527,14 @@ void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, b
 }
 
 // The inputs of one fused segment: level 0 reads ctx through its strides; a later segment reads
-// the fp32 level map x_{l0} that the previous segment left in the workspace (contiguous B,H,W,C).
+// the fp32 level map x_{l0} that the previous segment left in the workspace (contiguous B,H,W,C);
+// the workspace maps X and the output scale are the same for every segment.
 static FusedParams segment_inputs(const FocalContextArgs& a, const Segment& s, float* const X[5],
-                                  bool ctx_vec, bool ws_vec) {
+                                  bool ctx_vec, bool ws_vec, float scale) {
   FusedParams P{};
+  P.ws_vec = ws_vec;
+  for (int l = 0; l < 5; ++l) P.X[l] = X[l];
+  P.scale = scale;
   if (s.l0 == 0) {
     P.src = reinterpret_cast<const void*>(a.ctx);
     for (int d = 0; d < 4; ++d) P.ss[d] = a.ctx_stride[d];
@@ -568,18 +572,15 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
   float* gp = reinterpret_cast<float*>(ws + pl.off_gp);
 
   for (const Segment& s : pl.segs) {
-    FusedParams P = segment_inputs(a, s, X, ctx_vec, ws_vec);
+    FusedParams P = segment_inputs(a, s, X, ctx_vec, ws_vec, scale);
     const bool final_out = s.l0 + s.nl == L;
     P.acc_in = s.l0 > 0;
     P.final_out = final_out;
     P.acc_ws = acc;
-    P.ws_vec = ws_vec;
-    for (int l = 0; l < 5; ++l) P.X[l] = X[l];
     P.xmask = final_out ? 0 : (1 << (s.nl - 1));
     P.out = reinterpret_cast<void*>(a.out);
     P.out_vec = out_vec;
     P.pool_part = pool_part;
-    P.scale = scale;
     launch_fused<T>(a, s, P, true, st);
   }
   FC_LAUNCH(fc_pool_finish_kernel, grid_1d(B * C), NT, 0, st, pool_part, pl.segs.back().ntiles, B, C,
@@ -616,11 +617,8 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
 
   // 1. recompute x_1 .. x_{L-1} into the workspace
   for (const Segment& s : pl.segs) {
-    FusedParams P = segment_inputs(a, s, X, ctx_vec, ws_vec);
-    P.ws_vec = ws_vec;
-    for (int l = 0; l < 5; ++l) P.X[l] = X[l];
+    FusedParams P = segment_inputs(a, s, X, ctx_vec, ws_vec, scale);
     P.xmask = (1 << s.nl) - 1;
-    P.scale = scale;
     launch_fused<T>(a, s, P, false, st);
   }
 
