@@ -118,7 +118,6 @@ Plan make_plan(const FocalContextArgs& a, bool backward, const char* fn) {
       pl.off_z = take(a.L * pl.map_elems);
     }
   } else if (pl.NT > 1) {   // two-pass global term (see fwd_impl)
-    pl.off_sgl = take(a.B * a.H * a.W);
     if (a.dtype != kFloat32) pl.off_stage = take(a.B * a.H * a.W * a.C);
   }
   pl.total = off;

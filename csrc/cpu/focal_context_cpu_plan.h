@@ -41,7 +41,6 @@ struct Plan {
   int64_t off_wtf[kMaxLevels] = {0, 0, 0, 0};   // flipped weights (backward: transposed conv)
   int64_t off_part = 0;    // [B][NT][Cp] per-tile partial sums (pooled / dpool)
   int64_t off_gp = 0;      // [B][Cp] GELU(pooled)
-  int64_t off_sgl = 0;     // [B][H][W] s * g_L (forward: the global term's per-pixel factor)
   int64_t off_gall = 0;    // [B][H][W][L+1] the gates in fp32
   int64_t off_ggp = 0;     // [B][NCB][H][W][L+1] grad_gates partials per channel block (fused bwd)
   int64_t off_dp = 0;      // [B][Cp] dpool / (H W)   (backward)
