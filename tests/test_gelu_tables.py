@@ -3,9 +3,9 @@ error it reports is the error of the shipped tables), and that error is as docum
 
 The comparison is by value, not by text: the shipped literals are parsed to float32 and compared with
 the generator's least-squares coefficients in double precision, before its rounding to float32. The
-fit itself is not bit-reproducible across numpy/LAPACK builds (numpy 2.4.6 and 2.5.5 give doubles that
-differ by up to 3e-11 of an interval's largest coefficient, enough to round two of the 384 values to
-the neighbouring float32), so each shipped value must be the float32 nearest to the generator's double
+fit itself is not bit-reproducible across numpy/LAPACK builds: numpy 2.4.6 and 2.5.5 give doubles that
+differ by up to 3e-11 of an interval's largest coefficient, and the shipped tables differ from either's
+float32 rounding in 2 of 384 values by one ulp (the old text comparison failed under both). So each shipped value must be the float32 nearest to the generator's double
 up to a slack of 2e-10 of that interval's largest coefficient (7x the observed spread). Regenerating
 with another degree, interval count or node set fails, and so does editing any coefficient by more
 than half a float32 ulp plus that slack (so a 1-ulp edit of any coefficient above ~1% of its
