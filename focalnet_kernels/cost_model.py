@@ -1,0 +1,1039 @@
+"""Static H100 cost model of the focal-context kernels, from their compiled sm_90 SASS.
+
+``python -m focalnet_kernels.cost_model [--json] [--dtype float32,bfloat16] [--stage 1,2,3,4]``
+
+A PREDICTION, not a measurement (docs/cost-model.md): the first GPU run calibrates it.
+
+For every launch a backend makes for a configuration (FocalNet-T stage shapes, B = 256), the model
+compiles the kernel for sm_90 (Triton: ``triton.compile(ASTSource(...))`` exactly as
+focalnet_kernels/report.py does, cached on disk), disassembles it with line info
+(``nvdisasm -g``), finds the SASS loops (backward branches), maps every SASS loop to the source
+``for`` statement its instructions come from (line info + the Python AST of the kernel file as it
+was compiled), evaluates that loop's trip count from the tile configuration and the shape, and
+counts the issued warp-instructions per work item by class.  Per launch:
+
+    time = max(issue, fp32 pipe, MUFU, ALU, LSU/L1, L2, HBM)    (the largest one is the "bound")
+
+each term being the busiest SM's work divided by the per-SM rate of the H100 table ``H100``; a
+configuration's prediction is the sum over its launches.  The floor beside it is notes section 4:
+taps x elements at the fp32 FMA rate, and the minimal HBM bytes (read ctx and gates, write out;
+backward: + grad_out in, grad_ctx and grad_gates out) at the HBM rate, whichever is larger.
+
+Entry points: ``predict(backend, direction, shape, kernel_sizes, dtype) -> dict``,
+``predict_rows(...) -> list[dict]`` and ``main(argv)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+# ----------------------------------------------------------------------------------------------
+# H100 SXM5 parameters: the ONE table every number below comes from.
+# ----------------------------------------------------------------------------------------------
+# Sources:
+#  [DS]  NVIDIA H100 Tensor Core GPU datasheet / "NVIDIA H100 Tensor Core GPU Architecture"
+#        whitepaper (2022): H100 SXM5 has 132 SMs, max boost clock 1980 MHz, 80 GB HBM3 at
+#        3.35 TB/s, 50 MB L2, 228 KB shared memory per SM (227 KB usable per block), 64 K
+#        32-bit registers per SM, 64 resident warps and 32 resident blocks per SM, 4 warp
+#        schedulers per SM (one warp-instruction issued per scheduler per clock).
+#  [PG]  CUDA C++ Programming Guide, "Arithmetic Instructions" throughput table (results per clock
+#        cycle per multiprocessor), compute capability 9.0 column: 32-bit fp add/mul/fma 128;
+#        16-bit fp add/mul/fma 256 (HFMA2 = 2 results); 32-bit int add/sub, compare, min/max,
+#        shift, bitwise, multiply-add 64; fp32 reciprocal/rsqrt/log2/exp2/sin/cos (MUFU) 16;
+#        type conversions 16 ("Compute Capabilities" table: 64 K registers, 228 KB smem).
+#  [PG2] CUDA C++ Programming Guide, shared memory: 32 banks of 4 bytes per clock -> 128 B/clk/SM;
+#        Hopper's L1 and shared memory are one 256 KB array with the same per-clock bandwidth.
+#  [MB]  L2 bandwidth is not in NVIDIA's public specs: ~5.5 TB/s measured for H100 SXM by
+#        microbenchmarks (Luo et al., "Benchmarking and Dissecting the Nvidia Hopper GPU
+#        Architecture", IPDPS 2024; Chips and Cheese H100 article, 2023).  An assumption.
+#  [NOTES] /work/shared/focalnet-notes.md section 4 (the floor method).  The notes quote the
+#        floor at "~1.83 GHz" but their 0.19 ms is 6.4 G FMA at 132 x 128 x 1.98 GHz (at
+#        1.83 GHz it would be 0.207 ms); this table uses the datasheet boost clock, 1.98 GHz.
+H100 = {
+    "name": "H100 SXM5",
+    "sms": 132,                    # [DS]
+    "clock_ghz": 1.98,             # [DS] max boost clock
+    "issue_warp_instr_per_clk": 4,  # [DS] 4 schedulers x 1 warp-instruction / clk
+    "fp32_per_clk": 128,           # [PG] FFMA/FMUL/FADD results per clk per SM
+    "fp16x2_per_clk": 256,         # [PG] 16-bit fp results per clk per SM (HFMA2 = 2)
+    "int_per_clk": 64,             # [PG] IADD3/IMAD/LOP3/SHF/ISETP/... per clk per SM
+    "mufu_per_clk": 16,            # [PG] MUFU (ex2, rcp, rsq, lg2, sin, cos) per clk per SM
+    "conv_per_clk": 16,            # [PG] type conversions (F2F, I2F, F2I) per clk per SM
+    "lsu_per_clk": 32,             # [PG2] thread-accesses of LDG/STG/LDS/STS per clk per SM
+    "l1_bytes_per_clk": 128,       # [PG2] L1/shared bytes per clk per SM
+    "l2_tb_s": 5.5,                # [MB] (assumption, not an NVIDIA number)
+    "hbm_tb_s": 3.35,              # [DS]
+    "l2_mb": 50,                   # [DS]
+    "regs_per_sm": 65536,          # [DS]/[PG]
+    "max_warps_per_sm": 64,        # [PG]
+    "max_blocks_per_sm": 32,       # [PG]
+    "smem_per_sm": 228 * 1024,     # [PG]
+    "smem_reserved_per_block": 1024,  # [PG] 1 KB reserved per block on cc 8.x/9.0
+    "reg_alloc_unit": 256,         # [PG] occupancy calculator: registers allocated per warp in 256s
+}
+
+# FocalNet-T stage shapes (B = 256, 224x224 input) and kernel-size sets
+STAGES = {1: (256, 56, 56, 96), 2: (256, 28, 28, 192), 3: (256, 14, 14, 384), 4: (256, 7, 7, 768)}
+KSETS = {"SRF": (3, 5), "LRF": (3, 5, 7)}
+DTYPES = ("float32", "bfloat16")
+_TDT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_ESIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# ----------------------------------------------------------------------------------------------
+# SASS: parse, classify, loops
+# ----------------------------------------------------------------------------------------------
+CLASSES = ("ffma", "fmul", "fadd", "fp_other", "hfma2", "mufu", "int", "move", "convert",
+           "ldg", "stg", "lds", "sts", "ldl_stl", "atom", "bar", "control", "other")
+_FP = {"FFMA": "ffma", "FMUL": "fmul", "FADD": "fadd", "FSETP": "fp_other", "FSEL": "fp_other",
+       "FMNMX": "fp_other", "FCHK": "fp_other", "FSWZADD": "fp_other", "FMUL2": "fmul",
+       "FFMA2": "ffma", "FADD2": "fadd"}
+_H2 = {"HFMA2", "HADD2", "HMUL2", "HSETP2", "HMNMX2", "HSET2"}
+_INT = {"IMAD", "IADD3", "IADD", "LEA", "LOP3", "LOP", "SHF", "SHL", "SHR", "ISETP", "IMNMX",
+        "SEL", "PRMT", "IABS", "POPC", "FLO", "BREV", "BMSK", "SGXT", "IDP", "IMUL", "VIADD",
+        "VIMNMX", "PLOP3", "P2R", "R2P", "LEPC", "VOTE", "IMNMX3", "UIMAD", "UIADD3", "ULEA",
+        "ULOP3", "USHF", "UISETP", "USEL", "UPRMT", "UFLO", "UPOPC", "UBMSK", "USGXT", "UPLOP3",
+        "ULOP", "UIMNMX", "UP2UR", "UR2UP", "VOTEU", "ISCADD"}
+_MOVE = {"MOV", "UMOV", "S2R", "S2UR", "CS2R", "R2UR", "LDC", "ULDC", "SHFL", "MOVM", "UCGABAR_ARV"}
+_CONV = {"F2F", "F2I", "I2F", "F2FP", "I2FP", "F2IP", "FRND", "I2I"}
+_CTRL = {"BRA", "EXIT", "BSSY", "BSYNC", "CALL", "RET", "WARPSYNC", "BREAK", "BRX", "JMP", "YIELD",
+         "BMOV", "KILL", "NANOSLEEP"}
+_BAR = {"BAR", "MEMBAR", "DEPBAR", "ERRBAR", "CCTL", "FENCE"}
+
+
+def _width(op: str) -> int:
+    """Bytes per thread of a memory opcode ('LDG.E.128' -> 16, 'LDS.U16' -> 2, default 4)."""
+    for p in op.split(".")[1:]:
+        if p in ("128", "64"):
+            return int(p) // 8
+        if p in ("U8", "S8"):
+            return 1
+        if p in ("U16", "S16", "16"):
+            return 2
+    return 4
+
+
+def classify(text: str) -> Tuple[str, str, int]:
+    """(class, base opcode, bytes per thread) of one SASS instruction text such as
+    '@!P0 LDG.E.128 R4, desc[UR4][R2.64]' (predicate guards are stripped)."""
+    t = text.strip().rstrip(";").strip()
+    if t.startswith("@"):
+        t = t.split(None, 1)[1] if " " in t else ""
+    op = t.split(None, 1)[0] if t else ""
+    base = op.split(".")[0]
+    if base in _FP:
+        return _FP[base], base, 0
+    if base in _H2:
+        return "hfma2", base, 0
+    if base == "MUFU":
+        return "mufu", base, 0
+    if base in ("LDG", "LD"):
+        return "ldg", base, _width(op)
+    if base in ("STG", "ST"):
+        return "stg", base, _width(op)
+    if base in ("LDS", "LDSM"):
+        return "lds", base, _width(op)
+    if base == "STS":
+        return "sts", base, _width(op)
+    if base in ("LDL", "STL"):
+        return "ldl_stl", base, _width(op)
+    if base in ("ATOM", "ATOMG", "ATOMS", "RED", "REDG"):
+        return "atom", base, _width(op)
+    if base in _BAR:
+        return "bar", base, 0
+    if base in _CTRL:
+        return "control", base, 0
+    if base in _CONV:
+        return "convert", base, 0
+    if base in _MOVE:
+        return "move", base, 0
+    if base in _INT:
+        return "int", base, 0
+    return "other", base, 0
+
+
+_WORK = {"ffma", "fmul", "fadd", "hfma2", "mufu", "ldg", "stg", "lds", "sts"}
+
+
+@dataclass
+class Instr:
+    addr: int
+    text: str
+    file: Optional[str]
+    line: Optional[int]
+    cls: str = ""
+    op: str = ""
+    width: int = 0
+
+
+@dataclass
+class Loop:
+    start: int
+    end: int                        # address of the backward branch
+    parent: Optional[int] = None    # index into the loop list
+    children: List[int] = field(default_factory=list)
+    source: Optional[tuple] = None  # (file, for-line) of the mapped source loop
+    trips: float = 1.0
+    how: str = ""
+
+
+_LINE_RE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
+_LABEL_RE = re.compile(r"^\s*(\.L_x_\d+):")
+_INS_RE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRA_RE = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+`?\(?(\.L_x_\d+)")
+
+
+def parse_sass(text: str, kernel: Optional[str] = None) -> List[Instr]:
+    """Instructions of one function of `nvdisasm -g` output (the first .text section when kernel
+    is None), each with the file/line of its line-info annotation.  Branch targets are resolved
+    from the .L_x_N labels and kept in `text` as '-> 0x...'."""
+    lines = text.splitlines()
+    start = None
+    for i, ln in enumerate(lines):
+        s = ln.strip()
+        if s.startswith(".text.") and s.endswith(":") and (kernel is None or s == f".text.{kernel}:"):
+            start = i + 1
+            break
+    if start is None:
+        raise ValueError(f"no .text section for {kernel!r}")
+    out: List[Instr] = []
+    labels: Dict[str, int] = {}
+    pending: List[str] = []
+    cur = (None, None)
+    for ln in lines[start:]:
+        if ln.startswith("\t.section") or ln.startswith("//-----"):
+            break
+        m = _LINE_RE.match(ln)
+        if m:
+            cur = (m.group(1), int(m.group(2)))
+            continue
+        m = _LABEL_RE.match(ln)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _INS_RE.match(ln)
+        if m:
+            a = int(m.group(1), 16)
+            for p in pending:
+                labels[p] = a
+            pending = []
+            cls, op, w = classify(m.group(2))
+            out.append(Instr(a, m.group(2), cur[0], cur[1], cls, op, w))
+    for ins in out:
+        m = _BRA_RE.search(ins.text)
+        if m and m.group(1) in labels:
+            ins.text += f" -> {labels[m.group(1)]:#x}"
+    return [i for i in out if i.op != "NOP"]
+
+
+def find_loops(instrs: Sequence[Instr]) -> List[Loop]:
+    """Natural loops as [target, branch] address ranges of backward branches, nested by
+    containment (several back edges to one header: the outermost range).  A branch to itself (the
+    trap after EXIT) is not a loop."""
+    heads: Dict[int, int] = {}
+    for ins in instrs:
+        if ins.op == "BRA" and "->" in ins.text:
+            tgt = int(ins.text.rsplit("->", 1)[1], 16)
+            if tgt < ins.addr:
+                heads[tgt] = max(heads.get(tgt, 0), ins.addr)
+    loops = [Loop(s, e) for s, e in sorted(heads.items())]
+    for i, lp in enumerate(loops):
+        best = None
+        for j, o in enumerate(loops):
+            if j != i and o.start <= lp.start and lp.end <= o.end and (o.start, o.end) != (lp.start, lp.end):
+                if best is None or (o.end - o.start) < (loops[best].end - loops[best].start):
+                    best = j
+        lp.parent = best
+        if best is not None:
+            loops[best].children.append(i)
+    return loops
+
+
+def _own(instrs, loops, idx):
+    lp = loops[idx]
+    inner = [(loops[c].start, loops[c].end) for c in lp.children]
+    return [x for x in instrs if lp.start <= x.addr <= lp.end and not any(s <= x.addr <= e for s, e in inner)]
+
+
+def multiplicities(instrs, loops) -> Dict[int, float]:
+    """addr -> how many times the instruction runs per work item (product of the trip counts of
+    the loops around it)."""
+    mult = {}
+    for ins in instrs:
+        m = 1.0
+        for lp in loops:
+            if lp.start <= ins.addr <= lp.end:
+                m *= lp.trips
+        mult[ins.addr] = m
+    return mult
+
+
+# ----------------------------------------------------------------------------------------------
+# source side: for-statements of the kernel file, call sites, trip counts
+# ----------------------------------------------------------------------------------------------
+class _TL:
+    """What range() arguments may use of `tl` when they are evaluated on the host."""
+
+    @staticmethod
+    def cdiv(a, b):
+        return -(-a // b)
+
+    constexpr = int
+
+
+class _Unknown(Exception):
+    pass
+
+
+def _eval(node, ns):
+    try:
+        return eval(compile(ast.Expression(node), "<expr>", "eval"),
+                    {"__builtins__": {"min": min, "max": max, "int": int}, "tl": _TL, "triton": _TL}, ns)
+    except Exception as e:
+        raise _Unknown(ast.unparse(node)) from e
+
+
+class SourceIndex:
+    """The Python AST of a kernel file (the text that was compiled): its functions and for loops."""
+
+    def __init__(self, text: str):
+        self.tree = ast.parse(text)
+        self.funcs = {n.name: n for n in self.tree.body if isinstance(n, ast.FunctionDef)}
+        self.fors = []  # (func name, For node)
+        for fn in self.funcs.values():
+            for n in ast.walk(fn):
+                if isinstance(n, ast.For):
+                    self.fors.append((fn.name, n))
+
+    def innermost_for(self, line):
+        best = None
+        for fname, n in self.fors:
+            if n.lineno <= line <= n.end_lineno:
+                if best is None or n.lineno >= best[1].lineno:
+                    best = (fname, n)
+        return best
+
+    def func_of_line(self, line):
+        for name, fn in self.funcs.items():
+            if fn.lineno <= line <= fn.end_lineno:
+                return name
+        return None
+
+
+def _kernel_namespace(fn_node: ast.FunctionDef, values: dict) -> dict:
+    """Arguments (constexprs and known runtime ints) plus every top-level assignment of the kernel
+    body that evaluates on the host (derived constexprs such as TP = TILE_H * TILE_W)."""
+    ns = dict(values)
+
+    def visit(body):
+        for st in body:
+            if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name) and st.value is not None:
+                targets, val = [st.target], st.value
+            elif isinstance(st, ast.Assign) and all(isinstance(t, ast.Name) for t in st.targets):
+                targets, val = st.targets, st.value
+            else:
+                continue
+            try:
+                v = _eval(val, ns)
+            except _Unknown:
+                for t in targets:
+                    ns.pop(t.id, None)
+                continue
+            if isinstance(v, (int, float, bool)):
+                for t in targets:
+                    ns[t.id] = v
+    visit(fn_node.body)
+    return ns
+
+
+def _live_calls(body, ns, callee, out, skip_fors=True):
+    """Calls of `callee` in a statement list, in source order, inside constexpr-true branches,
+    not descending into nested for loops."""
+    for st in body:
+        if isinstance(st, ast.If):
+            try:
+                cond = _eval(st.test, ns)
+            except _Unknown:
+                cond = None
+            if cond is None or cond:
+                _live_calls(st.body, ns, callee, out, skip_fors)
+            if cond is None or not cond:
+                _live_calls(st.orelse, ns, callee, out, skip_fors)
+            continue
+        if isinstance(st, (ast.For, ast.While)) and skip_fors:
+            continue
+        for n in ast.walk(st):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == callee:
+                out.append(n)
+
+
+def _bind(helper: ast.FunctionDef, call: ast.Call, ns: dict) -> dict:
+    params = [a.arg for a in helper.args.args]
+    bound = {}
+    for p, a in zip(params, call.args):
+        try:
+            bound[p] = _eval(a, ns)
+        except _Unknown:
+            pass
+    for kw in call.keywords:
+        try:
+            bound[kw.arg] = _eval(kw.value, ns)
+        except _Unknown:
+            pass
+    return bound
+
+
+def _range_trips(for_node: ast.For, ns: dict):
+    it = for_node.iter
+    if not (isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id in ("range", "static_range")):
+        raise _Unknown(ast.unparse(it))
+    args = [_eval(a, ns) for a in it.args]
+    r = range(*[int(a) for a in args])
+    return len(r)
+
+
+def map_loops(instrs, loops, src: SourceIndex, kernel: str, values: dict, file_suffix: str,
+              overrides: Optional[dict] = None):
+    """Give every SASS loop its source loop and trip count (per work item).
+
+    Sources, bottom-up: a loop's source loop is a `for` of the kernel file chosen by the line info
+    of its own instructions (those not inside a nested SASS loop; lines outside any `for` do not
+    vote), constrained by the nesting: it must enclose the source loops of its nested SASS loops
+    (the same function: contain them; a helper's loop nested in the kernel's: any kernel `for`
+    qualifies).  Among the qualifying `for`s the one most own instructions fall in (innermost
+    first) wins; with no vote, the innermost `for` that encloses the nested loops' sources.
+    (A plain majority fails where ptxas peels a copy of an inner loop into its parent's body.)
+
+    Trip counts, top-down: len(range(...)) of that `for`, evaluated with the constexprs, the
+    shape, the derived constexprs of the kernel and `overrides` (run-time values the kernel
+    loads); a `for` in a helper (@triton.jit function inlined by Triton) is evaluated with the
+    helper's parameters bound from its live call (constexpr `if`s resolved) in the body of the
+    parent loop's source `for` (or the kernel body), sibling SASS loops taking the calls in
+    source order.  The outermost loop whose range cannot be evaluated (it starts at the program
+    id: a persistent work loop) is the WORK-ITEM loop: trip 1 (counts are per work item).  A
+    source loop that ptxas split into several sibling SASS loops (unrolled main + remainder)
+    gets trips T // u and T % u, u the ratio of their sizes."""
+    kfn = src.funcs[kernel]
+    kns = _kernel_namespace(kfn, values)
+    kns.update(overrides or {})  # run-time values the kernel loads or derives from the program id
+    fors = {(f, n.lineno): n for f, n in src.fors}
+
+    def encloses(outer, inner):
+        (fo, lo), (fi, li) = outer, inner
+        if fo == fi:
+            n = fors[outer]
+            return n.lineno < li <= n.end_lineno
+        return fo == kernel  # a helper's loop inside a kernel loop
+
+    def votes_of(idx, cands):
+        # each own instruction votes for the innermost candidate `for` containing its line
+        v = collections.Counter()
+        for x in _own(instrs, loops, idx):
+            if x.file and x.file.endswith(file_suffix) and x.line:
+                inner = [k for k in cands if fors[k].lineno <= x.line <= fors[k].end_lineno]
+                if inner:
+                    v[max(inner, key=lambda k: fors[k].lineno)] += 1
+        return v
+
+    def depth_of(i):
+        d, j = 0, i
+        while loops[j].parent is not None:
+            j, d = loops[j].parent, d + 1
+        return d
+
+    for idx in sorted(range(len(loops)), key=lambda i: -depth_of(i)):  # innermost first
+        lp = loops[idx]
+        kids = [loops[c].source[:2] for c in lp.children if loops[c].source]
+        cands = [k for k in fors if all(encloses(k, c) for c in kids)]
+        v = votes_of(idx, cands)
+        scored = [(v[k], fors[k].lineno, k) for k in cands if v[k] > 0]
+        if scored:
+            # most votes; ties -> the innermost (latest starting) for
+            lp.source = max(scored)[2]
+        elif kids and cands:
+            same = [k for k in cands if k[0] == kids[0][0]]
+            pool = same or cands
+            lp.source = min(pool, key=lambda k: fors[k].end_lineno - fors[k].lineno)
+        else:
+            lp.source = None
+
+    ctx_of: Dict[int, Tuple[str, dict, list]] = {}  # loop idx -> (func, namespace, body stmts)
+    used_calls = collections.defaultdict(int)
+    for idx in sorted(range(len(loops)), key=lambda i: (depth_of(i), loops[i].start)):
+        lp = loops[idx]
+        if lp.source is None:
+            lp.trips, lp.how = 1.0, "no source loop (1 trip assumed)"
+            ctx_of[idx] = ctx_of.get(lp.parent, (kernel, kns, kfn.body)) if lp.parent is not None else \
+                (kernel, kns, kfn.body)
+            continue
+        fname, fline = lp.source
+        node = fors[lp.source]
+        if lp.parent is None:
+            pfunc, pns, pbody = kernel, kns, kfn.body
+        else:
+            pfunc, pns, pbody = ctx_of.get(lp.parent, (kernel, kns, kfn.body))
+        if fname == pfunc:
+            ns = pns
+        else:
+            calls = []
+            _live_calls(pbody, pns, fname, calls)
+            if not calls:
+                _live_calls(kfn.body, kns, fname, calls, skip_fors=False)
+            ck = (lp.parent, fname)
+            pick = calls[min(used_calls[ck], len(calls) - 1)] if calls else None
+            used_calls[ck] += 1
+            ns = _bind(src.funcs[fname], pick, pns) if pick is not None else {}
+        ctx_of[idx] = (fname, ns, node.body)
+        try:
+            lp.trips = float(_range_trips(node, ns))
+            lp.how = f"{fname}:{fline} {ast.unparse(node.iter)} = {int(lp.trips)}"
+        except _Unknown:
+            lp.trips = 1.0
+            if lp.parent is None:
+                lp.how = f"{fname}:{fline} {ast.unparse(node.iter)}: work-item loop (1 per item)"
+                lp.source = (fname, fline, "work")
+            else:
+                lp.how = f"{fname}:{fline} {ast.unparse(node.iter)}: UNKNOWN trip count (1 assumed)"
+    # unrolled main + remainder (+ peeled copies): sibling SASS loops mapped to the same source
+    # loop.  Work instructions (fp, MUFU, memory) measure source iterations: the smallest sibling
+    # is taken as one iteration per trip (the remainder loop), each sibling's unroll factor is its
+    # work / that, and work instructions of the parent's own code whose lines are in the source
+    # loop's body are peeled iterations, executed once per parent trip.
+    groups = collections.defaultdict(list)
+    for i, lp in enumerate(loops):
+        if lp.source and len(lp.source) == 2:
+            groups[(lp.parent, lp.source)].append(i)
+    for (par, key), idxs in groups.items():
+        if len(idxs) < 2:
+            continue
+        node = fors[key]
+        work = [sum(1 for x in instrs if loops[i].start <= x.addr <= loops[i].end and x.cls in _WORK)
+                for i in idxs]
+        w1 = max(1, min(work))
+        peeled = 0
+        if par is not None:
+            peeled = sum(1 for x in _own(instrs, loops, par) if x.cls in _WORK and x.line
+                         and node.lineno < x.line <= node.end_lineno and x.file and x.file.endswith(file_suffix))
+        T = int(loops[idxs[0]].trips)
+        rem = max(0, T - round(peeled / w1))
+        for w, i in sorted(zip(work, idxs), reverse=True):
+            u = max(1, round(w / w1))
+            loops[i].trips = float(rem // u)
+            rem -= (rem // u) * u
+            loops[i].how += f" (split: x{u}, {round(peeled / w1)} peeled)"
+    return loops
+
+
+def count(instrs, loops) -> dict:
+    """Warp-instructions by class per work item ('item') and outside the work-item loop, once per
+    program ('prologue'); bytes per thread of the global/shared accesses; fp32 and MUFU thread
+    operations."""
+    work = [lp for lp in loops if lp.source and len(lp.source) == 3]
+    wl = min(work, key=lambda lp: lp.start) if work else None
+    mult = multiplicities(instrs, loops)
+    res = {"item": collections.Counter(), "prologue": collections.Counter(),
+           "item_bytes": collections.Counter(), "prologue_bytes": collections.Counter()}
+    for ins in instrs:
+        where = "item" if (wl is None or wl.start <= ins.addr <= wl.end) else "prologue"
+        m = mult[ins.addr]
+        res[where][ins.cls] += m
+        res[where]["total"] += m
+        if ins.cls in ("ldg", "stg", "lds", "sts", "ldl_stl", "atom"):
+            res[where][f"{ins.cls}.{ins.width}B"] += m
+            res[where + "_bytes"][ins.cls] += m * ins.width * 32
+    res["persistent"] = wl is not None
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# compiling (Triton) with an on-disk cache of the SASS
+# ----------------------------------------------------------------------------------------------
+def _cache_dir():
+    d = os.environ.get("FOCALNET_COST_CACHE") or os.path.join(tempfile.gettempdir(), "focalnet_cost_model")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def _tool(name):
+    from . import report
+    return os.path.join(os.path.dirname(report._cuobjdump()), name)
+
+
+def _entry_key(entry, arch):
+    import triton
+    fn = entry["fn"]
+    path = getattr(fn, "fn", fn).__code__.co_filename
+    with open(path, "rb") as f:
+        src = f.read()
+    blob = json.dumps([entry["name"], entry.get("config"), entry["signature"], entry["constexprs"],
+                       entry.get("attrs"), entry.get("num_warps"), entry.get("num_stages"), arch,
+                       triton.__version__], sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob + src).hexdigest()[:20]
+
+
+def compile_entry(entry, arch=90) -> dict:
+    """{'sass', 'regs', 'smem', 'spill', 'name', 'num_warps', 'source': {path: text}} of one
+    REPORT_KERNELS-format entry, compiled for sm_`arch` (cached by entry + kernel source +
+    Triton version)."""
+    key = _entry_key(entry, arch)
+    path = os.path.join(_cache_dir(), key + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    warnings.filterwarnings("ignore")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import report
+    fn = entry["fn"]
+    sig = {a: ("constexpr" if a in entry["constexprs"] else entry["signature"][a]) for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(k),): v for k, v in (entry.get("attrs") or {}).items()}
+    src_path = getattr(fn, "fn", fn).__code__.co_filename
+    with open(src_path) as f:
+        src_text = f.read()
+    ck = triton.compile(ASTSource(fn, sig, dict(entry["constexprs"]), attrs), target=GPUTarget("cuda", arch, 32),
+                        options={"num_warps": entry.get("num_warps", 4), "num_stages": entry.get("num_stages", 3)})
+    with tempfile.TemporaryDirectory() as d:
+        cub = os.path.join(d, "k.cubin")
+        with open(cub, "wb") as f:
+            f.write(ck.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-g", cub], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([report._cuobjdump(), "-res-usage", cub], capture_output=True, text=True,
+                             check=True).stdout
+    r = report._parse_res(res, ck.metadata.name)
+    out = {"name": ck.metadata.name, "sass": sass, "regs": r.get("REG", 0),
+           "smem": int(ck.metadata.shared) + r.get("SHARED", 0),
+           "spill": r.get("LOCAL", 0) + r.get("STACK", 0), "num_warps": entry.get("num_warps", 4),
+           "source": {src_path: src_text}}
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def analyze(compiled: dict, values: dict, overrides: Optional[dict] = None) -> dict:
+    """Counts per work item of one compiled kernel with its loops' trip counts evaluated at
+    `values` (constexprs + runtime ints)."""
+    instrs = parse_sass(compiled["sass"], compiled["name"])
+    loops = find_loops(instrs)
+    (path, text), = compiled["source"].items()
+    src = SourceIndex(text)
+    map_loops(instrs, loops, src, compiled["name"], values, os.path.basename(path), overrides)
+    c = count(instrs, loops)
+    c["loops"] = [{"start": hex(lp.start), "end": hex(lp.end), "depth": _depth(loops, i), "trips": lp.trips,
+                   "how": lp.how} for i, lp in enumerate(loops)]
+    return c
+
+
+def _depth(loops, i):
+    d = 0
+    while loops[i].parent is not None:
+        i = loops[i].parent
+        d += 1
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# occupancy and the time of one launch
+# ----------------------------------------------------------------------------------------------
+def occupancy(regs: int, smem: int, warps: int, hw=H100) -> int:
+    """Resident blocks per SM (registers allocated per warp in units of 256; 1 KB of shared
+    memory reserved per block)."""
+    per_warp = math.ceil(max(regs, 1) * 32 / hw["reg_alloc_unit"]) * hw["reg_alloc_unit"]
+    by_regs = hw["regs_per_sm"] // (per_warp * warps)
+    by_smem = hw["smem_per_sm"] // (smem + hw["smem_reserved_per_block"])
+    by_warps = hw["max_warps_per_sm"] // warps
+    return max(0, min(by_regs, by_smem, by_warps, hw["max_blocks_per_sm"]))
+
+
+@dataclass
+class Launch:
+    """One kernel launch: what it is, how many programs and work items, what HBM bytes it must
+    move (unique traffic: maps read/written once), which compiled kernel and loop values."""
+    kernel: str
+    config: str
+    programs: int
+    items: int
+    hbm_bytes: float
+    compiled: dict
+    values: dict
+    overrides: dict = field(default_factory=dict)
+
+
+def launch_time(ln: Launch, hw=H100) -> dict:
+    c = analyze(ln.compiled, ln.values, ln.overrides)
+    it, pr = c["item"], c["prologue"]
+    warps = ln.compiled["num_warps"]
+    blocks = occupancy(ln.compiled["regs"], ln.compiled["smem"], warps, hw)
+    sms = hw["sms"]
+    # the busiest SM: programs are spread round-robin; a persistent program loops over items
+    progs_sm = math.ceil(ln.programs / sms)
+    items_prog = math.ceil(ln.items / ln.programs) if c["persistent"] else 1
+    # per program (warp-instructions of the whole CTA = per-warp count x warps)
+    def per_sm(key):
+        return progs_sm * warps * (items_prog * it.get(key, 0) + pr.get(key, 0))
+
+    def per_sm_bytes(key):
+        return progs_sm * warps * (items_prog * c["item_bytes"].get(key, 0) + c["prologue_bytes"].get(key, 0))
+
+    clk = hw["clock_ghz"] * 1e9
+    fp32 = sum(per_sm(k) for k in ("ffma", "fmul", "fadd")) * 32
+    intops = per_sm("int") * 32
+    lsu = sum(per_sm(k) for k in ("ldg", "stg", "lds", "sts", "ldl_stl", "atom")) * 32
+    l1_bytes = sum(per_sm_bytes(k) for k in ("ldg", "stg", "lds", "sts", "ldl_stl", "atom"))
+    # L2: stores go through; a load instruction inside a tap loop re-reads the lines its
+    # neighbouring taps read: assumed to hit L1 except once per innermost tap row (see docs)
+    l2_bytes_sm = per_sm_bytes("stg") + per_sm_bytes("ldg") * _l2_load_fraction(c)
+    terms = {
+        "issue": per_sm("total") / hw["issue_warp_instr_per_clk"] / clk,
+        "fp32": fp32 / hw["fp32_per_clk"] / clk,
+        "mufu": per_sm("mufu") * 32 / hw["mufu_per_clk"] / clk,
+        "int": intops / hw["int_per_clk"] / clk,
+        "l1": max(lsu / hw["lsu_per_clk"], l1_bytes / hw["l1_bytes_per_clk"]) / clk,
+        "l2": l2_bytes_sm * sms / (hw["l2_tb_s"] * 1e12),
+        "hbm": ln.hbm_bytes / (hw["hbm_tb_s"] * 1e12),
+    }
+    bound = max(terms, key=terms.get)
+    n_items = ln.items if c["persistent"] else ln.programs
+    n_pro = ln.programs
+
+    def tot(key):  # warp-instructions of the whole launch
+        return (n_items * it.get(key, 0) + n_pro * pr.get(key, 0)) * warps
+
+    by_class = {k: tot(k) for k in sorted(set(it) | set(pr))}
+    total_warp_instr, ffma_total = tot("total"), tot("ffma")
+    return {"kernel": ln.kernel, "config": ln.config, "ms": terms[bound] * 1e3, "bound": bound,
+            "terms_ms": {k: v * 1e3 for k, v in terms.items()}, "regs": ln.compiled["regs"],
+            "smem": ln.compiled["smem"], "spill": ln.compiled["spill"], "warps": warps,
+            "blocks_per_sm": blocks, "occupancy_warps": blocks * warps, "programs": ln.programs,
+            "items": ln.items, "warp_instr": total_warp_instr, "ffma_warp_instr": ffma_total,
+            "by_class": dict(by_class), "hbm_bytes": ln.hbm_bytes, "loops": c["loops"]}
+
+
+def _l2_load_fraction(c):
+    """Fraction of the loaded bytes assumed to come from L2: 1 / (trip count of the innermost tap
+    loop) when the kernel has nested tap loops, else 1 (see docs/cost-model.md, limits)."""
+    inner = [lp for lp in c["loops"] if lp["depth"] >= 2 and lp["trips"] > 1]
+    if not inner:
+        return 1.0
+    return 1.0 / max(lp["trips"] for lp in inner)
+
+
+# ----------------------------------------------------------------------------------------------
+# the launches of each backend (mirrors of the host code; module helpers called where they exist)
+# ----------------------------------------------------------------------------------------------
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+class _StubTensor:
+    """What the launchers' helpers (_ctx_align, _prune) read of a tensor."""
+
+    def __init__(self, esize, strides):
+        self._e, self._s = esize, strides
+
+    def element_size(self):
+        return self._e
+
+    def stride(self):
+        return self._s
+
+
+def _slice_strides(shape, L):
+    """ctx as the model passes it: a slice of the f output, pixel stride 2C + L + 1."""
+    B, H, W, C = shape
+    P = 2 * C + L + 1
+    return (H * W * P, W * P, P, 1)
+
+
+def _gate_bytes_per_pixel(L, esize):
+    # the L+1 gates of a pixel are a few bytes of the f-output row: one 32-byte sector each
+    return max(32, (L + 1) * esize)
+
+
+def triton_fwd_launches(shape, ks, dtype, arch=90):
+    """[(candidate launches of the autotuned local kernel), launch of the global kernel factory]."""
+    from .triton import focal_context_fwd as F
+    B, H, W, C = shape
+    L = len(ks)
+    tdt, es = _TDT[dtype], _ESIZE[dtype]
+    stub = _StubTensor(es, _slice_strides(shape, L))
+    align = F._ctx_align(stub)
+    cands = F._prune(list(F._GPU_CONFIGS), {"C": C, "ctx_ptr": stub})
+    K = list(ks) + [0] * (4 - L)
+    npix = B * H * W
+    hbm_local = npix * (C * es * 2 + _gate_bytes_per_pixel(L, es))
+    out = []
+    for cf in cands:
+        th, tw, bc = cf.kwargs["TILE_H"], cf.kwargs["TILE_W"], cf.kwargs["BLOCK_C"]
+        e = F._local_entry(tdt, tuple(ks), th, tw, bc, cf.num_warps, align=align)
+        items = B * _cdiv(H, th) * _cdiv(W, tw) * _cdiv(C, bc)
+        progs = min(items, H100["sms"] * F._PROGS_PER_SM)
+        nt = _cdiv(H, th) * _cdiv(W, tw)
+        vals = dict(e["constexprs"], B=B, H=H, W=W, C=C, kz=0)
+        loc = Launch(e["name"], e["config"], progs, items, hbm_local + B * nt * C * 4,
+                     compile_entry(e, arch), vals)
+        bcg = F._global_block_c(C)
+        ge = F._global_entry(tdt, L, bcg)
+        cx = ge["constexprs"]
+        npb = _cdiv(H * W, cx["BLOCK_P"] * cx["P_ITERS"])
+        gprogs = B * npb * _cdiv(C, bcg)
+        n_it = min(cx["P_ITERS"], _cdiv(H * W, cx["BLOCK_P"]))
+        glob = Launch(ge["name"], ge["config"], gprogs, gprogs,
+                      npix * (2 * C * es + _gate_bytes_per_pixel(L, es)) + B * nt * C * 4,
+                      compile_entry(ge, arch), dict(cx, HW=H * W, W=W, C=C), {"NT": nt, "n_it": n_it})
+        out.append((e["config"], [loc, glob]))
+    return out
+
+
+def triton_bwd_launches(shape, ks, dtype, arch=90):
+    """[[candidates of launch 1], [candidates of launch 2], ...]: every autotuned launch of the
+    backward with one Launch per shipped config (autotune picks each launch's best on its own)."""
+    from .triton import focal_context_bwd as Bw
+    B, H, W, C = shape
+    L = len(ks)
+    tdt, es = "*" + _TDT[dtype], _ESIZE[dtype]
+    npix = B * H * W
+    gb = _gate_bytes_per_pixel(L, es)
+    groups = []
+    ge = Bw._report_global(tdt)
+    nblk = _cdiv(H * W, ge["constexprs"]["BLOCK_HW"])
+    groups.append([Launch(ge["name"], ge["config"], B * nblk, B * nblk,
+                          npix * (C * es + gb + (L + 1) * es) + B * nblk * C * 4, compile_entry(ge, arch),
+                          dict(ge["constexprs"], B=B, H=H, W=W, C=C))])
+    cfgs = list(Bw._GPU_TILE_CONFIGS)
+
+    def dw(l, final):
+        cands = []
+        for cfg in cfgs:
+            th, tw, bc, nw = cfg
+            if final:
+                e = Bw._report_dwconv(tdt, cfg, ks[0], True)
+                hbm = npix * C * (4 + es)
+            else:
+                e = Bw._report_dwconv(tdt if l == 0 else "*fp32", cfg, ks[l], False)
+                hbm = npix * C * ((es if l == 0 else 4) + 4)
+            progs = Bw._ntiles(B, H, W, th, tw) * _cdiv(C, bc)
+            cands.append(Launch(e["name"], e["config"], progs, progs, hbm, compile_entry(e, arch),
+                                dict(e["constexprs"], B=B, H=H, W=W, C=C)))
+        return cands
+
+    for l in range(L - 1):
+        groups.append(dw(l, False))
+    for l in range(L - 1, -1, -1):
+        top = l == L - 1
+        R = Bw._rows(B, H, W, C, ks[l])
+        cands = []
+        for cfg in cfgs:
+            th, tw, bc, nw = cfg
+            e = Bw._report_step(tdt, cfg, ks[l], 0 if top else ks[l + 1])
+            if l == 0:  # x_0 is ctx itself: the model's dtype, a slice view (no aligned strides)
+                e = dict(e, signature=dict(e["signature"], x_ptr=tdt),
+                         attrs={k: v for k, v in e["attrs"].items() if k not in ("sxb", "sxh", "sxw")})
+                e["name"] = e["name"].replace("]", " x=ctx]")
+            xs = es if l == 0 else 4
+            ws = R * ks[l] * ks[l] * C * 4
+            hbm = npix * (C * (xs + es + 4 + (0 if top else 4)) + gb + (L + 1) * es) + 2 * ws
+            items = Bw._ntiles(B, H, W, th, tw)
+            cands.append(Launch(e["name"], e["config"], R, items, hbm, compile_entry(e, arch),
+                                dict(e["constexprs"], B=B, H=H, W=W, C=C, R=R)))
+        groups.append(cands)
+    groups.append(dw(0, True))
+    return groups
+
+
+# ----------------------------------------------------------------------------------------------
+# floor, auto, predict
+# ----------------------------------------------------------------------------------------------
+def floor(direction, shape, kernel_sizes, dtype, hw=H100) -> dict:
+    """Notes section 4: taps x elements at the fp32 FMA rate (forward sum k^2 per element; the
+    backward ~3x: recomputed z, transposed conv, weight gradient), and the minimal HBM bytes
+    (forward: read ctx and gates, write out; backward: + read grad_out, write grad_ctx and
+    grad_gates; ctx and gates read again) at the HBM rate; the larger one is the floor."""
+    B, H, W, C = shape
+    L = len(kernel_sizes)
+    es = _ESIZE[dtype]
+    elems = B * H * W * C
+    taps = sum(k * k for k in kernel_sizes)
+    fma = taps * elems * (1 if direction == "fwd" else 4)
+    fma_ms = fma / (hw["sms"] * hw["fp32_per_clk"] * hw["clock_ghz"] * 1e9) * 1e3
+    tok = B * H * W
+    byt = tok * (2 * C + (L + 1)) * es
+    if direction != "fwd":
+        byt += tok * (3 * C + 2 * (L + 1)) * es
+    hbm_ms = byt / (hw["hbm_tb_s"] * 1e12) * 1e3
+    return {"floor_ms": max(fma_ms, hbm_ms), "fma_floor_ms": fma_ms, "hbm_floor_ms": hbm_ms,
+            "floor_bound": "fp32" if fma_ms >= hbm_ms else "hbm", "fma": fma, "hbm_bytes": byt}
+
+
+def auto_backend(kernel_sizes, dtype) -> str:
+    """The backend focalnet_kernels.ops.select_backend picks for CUDA tensors of this
+    configuration when both GPU backends are available (its table logic, called with a stand-in
+    tensor)."""
+    from unittest import mock
+
+    import torch
+
+    from . import ops
+    stub = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=getattr(torch, dtype))
+    env = {k: v for k, v in os.environ.items() if k != "FOCALNET_KERNELS_BACKEND"}
+    with mock.patch.object(ops, "triton_available", lambda: True), \
+            mock.patch.object(ops, "_native_available", lambda d: True), \
+            mock.patch.dict(os.environ, env, clear=True):
+        return ops.select_backend(stub, list(kernel_sizes))
+
+
+def _sum_launches(times):
+    ms = sum(t["ms"] for t in times)
+    worst = max(times, key=lambda t: t["ms"])
+    return ms, f"{worst['bound']} ({worst['kernel']})"
+
+
+def _triton_predict(direction, shape, ks, dtype, arch):
+    fwd = []
+    for label, launches in triton_fwd_launches(shape, ks, dtype, arch):
+        times = [launch_time(ln) for ln in launches]
+        ms, bound = _sum_launches(times)
+        fwd.append({"config": label, "predicted_ms": ms, "bound": bound, "launches": times})
+    best = min(fwd, key=lambda r: r["predicted_ms"])
+    chosen = list(best["launches"])
+    config = best["config"]
+    cands = [{k: v for k, v in r.items() if k != "launches"} for r in fwd]
+    bwd_choice = []
+    if direction != "fwd":
+        for group in triton_bwd_launches(shape, ks, dtype, arch):
+            times = [launch_time(ln) for ln in group]
+            t = min(times, key=lambda x: x["ms"])
+            chosen.append(t)
+            bwd_choice.append({"kernel": t["kernel"], "config": t["config"],
+                               "candidates": {x["config"]: round(x["ms"], 4) for x in times}})
+        config = f"fwd {config}; bwd " + ", ".join(sorted({c['config'] for c in bwd_choice}))
+    return chosen, config, best["launches"][0], cands, bwd_choice
+
+
+def predict(backend, direction, shape, kernel_sizes, dtype, arch=90) -> dict:
+    """One row of the prediction (see the module docstring and docs/cost-model.md)."""
+    shape = [int(v) for v in shape]
+    ks = [int(k) for k in kernel_sizes]
+    if backend == "triton":
+        chosen, config, main_l, cands, bwd_choice = _triton_predict(direction, shape, ks, dtype, arch)
+    elif backend == "cuda":
+        chosen, config, main_l, cands, bwd_choice = _cuda_predict(direction, shape, ks, dtype)
+    else:
+        raise ValueError(f"backend {backend!r}: triton or cuda")
+    ms, bound = _sum_launches(chosen)
+    elems = shape[0] * shape[1] * shape[2] * shape[3]
+    fl = floor(direction, shape, ks, dtype)
+    instr = sum(t["warp_instr"] for t in chosen) * 32 / elems
+    ffma = sum(t["ffma_warp_instr"] for t in chosen) * 32 / elems
+    by_class = collections.Counter()
+    for t in chosen:
+        for k, v in t["by_class"].items():
+            by_class[k] += v * 32 / elems
+    try:
+        auto = auto_backend(ks, dtype) == backend
+    except Exception:  # torch missing: cannot ask ops
+        auto = None
+    return {
+        "backend": backend, "direction": direction, "shape": shape, "kernel_sizes": ks, "dtype": dtype,
+        "predicted_ms": round(ms, 4), "floor_ms": round(fl["floor_ms"], 4), "bound": bound, "auto": auto,
+        "instr_per_elem": round(instr, 1), "ffma_per_elem": round(ffma, 1),
+        "regs": main_l["regs"], "occupancy_warps": main_l["occupancy_warps"], "config": config,
+        "spill_bytes": max(t["spill"] for t in chosen),
+        "fma_floor_ms": round(fl["fma_floor_ms"], 4), "hbm_floor_ms": round(fl["hbm_floor_ms"], 4),
+        "per_elem_by_class": {k: round(v, 1) for k, v in sorted(by_class.items())},
+        "candidates": cands, "bwd_choice": bwd_choice,
+        "launches": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in t.items()
+                      if k not in ("loops", "by_class")} for t in chosen],
+        "prediction": "static model, not a measurement (docs/cost-model.md)",
+    }
+
+
+def _cuda_predict(direction, shape, ks, dtype):
+    raise NotImplementedError("cuda backend model: see docs/cost-model.md")
+
+
+def predict_rows(stages=(1, 2, 3, 4), ksets=("SRF", "LRF"), dtypes=DTYPES, directions=("fwd", "fwd+bwd"),
+                 backends=("triton", "cuda"), arch=90) -> List[dict]:
+    rows = []
+    for st in stages:
+        for kn in ksets:
+            for dt in dtypes:
+                for d in directions:
+                    for be in backends:
+                        try:
+                            r = predict(be, d, STAGES[st], KSETS[kn], dt, arch)
+                        except NotImplementedError as e:
+                            r = {"backend": be, "direction": d, "shape": list(STAGES[st]),
+                                 "kernel_sizes": list(KSETS[kn]), "dtype": dt, "predicted_ms": None,
+                                 "floor_ms": round(floor(d, STAGES[st], KSETS[kn], dt)["floor_ms"], 4),
+                                 "bound": None, "auto": None, "instr_per_elem": None, "ffma_per_elem": None,
+                                 "regs": None, "occupancy_warps": None, "config": None, "error": str(e)}
+                            try:
+                                r["auto"] = auto_backend(KSETS[kn], dt) == be
+                            except Exception:
+                                pass
+                        r["stage"] = st
+                        r["kset"] = kn
+                        rows.append(r)
+    return rows
+
+
+def format_rows(rows) -> str:
+    hdr = ("stage", "k", "backend", "dtype", "dir", "pred ms", "floor ms", "x floor", "bound", "instr/el",
+           "ffma/el", "regs", "warps/SM", "auto", "config")
+    body = []
+    for r in rows:
+        p = r.get("predicted_ms")
+        body.append((str(r.get("stage", "")), r.get("kset", ""), r["backend"], r["dtype"], r["direction"],
+                     "-" if p is None else f"{p:.3f}", f"{r['floor_ms']:.3f}",
+                     "-" if p is None else f"{p / r['floor_ms']:.1f}", str(r.get("bound") or r.get("error", "")),
+                     "-" if r.get("instr_per_elem") is None else f"{r['instr_per_elem']:.0f}",
+                     "-" if r.get("ffma_per_elem") is None else f"{r['ffma_per_elem']:.0f}",
+                     str(r.get("regs")), str(r.get("occupancy_warps")), str(r.get("auto")), str(r.get("config"))))
+    w = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(hdr)]
+    fmt = "  ".join(f"{{:<{x}}}" for x in w)
+    return "\n".join([fmt.format(*hdr), fmt.format(*("-" * x for x in w))] + [fmt.format(*b) for b in body])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    ap.add_argument("--dtype", default="float32,bfloat16")
+    ap.add_argument("--stage", default="1,2,3,4")
+    ap.add_argument("--kset", default="SRF,LRF")
+    ap.add_argument("--direction", default="fwd,fwd+bwd")
+    ap.add_argument("--backend", default="triton,cuda")
+    a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        # compiling needs the real @triton.jit functions (report.py does the same)
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", "focalnet_kernels.cost_model"] + list(argv or sys.argv[1:]),
+                               env=env)
+    rows = predict_rows(tuple(int(s) for s in a.stage.split(",")), tuple(a.kset.split(",")),
+                        tuple(a.dtype.split(",")), tuple(a.direction.split(",")), tuple(a.backend.split(",")))
+    if a.json:
+        print(json.dumps(rows))
+    else:
+        print(format_rows(rows))
+        print("PREDICTION (static model from the sm_90 SASS, H100 SXM5 at "
+              f"{H100['clock_ghz']} GHz), not a measurement; method and limits: docs/cost-model.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

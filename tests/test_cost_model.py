@@ -1,0 +1,181 @@
+"""The static H100 cost model (focalnet_kernels/cost_model.py): floors, SASS classification, loop
+trip-count mapping, row format.  No GPU: compiles go through triton.compile for sm_90 in a
+subprocess without TRITON_INTERPRET (the interpreter tests switch it on in this process)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from focalnet_kernels import cost_model as cm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _nvdisasm_available():
+    try:
+        import triton
+    except Exception:
+        return False
+    return os.access(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm"),
+                     os.X_OK)
+
+
+needs_compiler = pytest.mark.skipif(not _nvdisasm_available(), reason="no triton / nvdisasm")
+
+
+def test_floor_matches_notes():
+    # notes section 4: stage 1, B=256, 56x56x96, k=3,5,7, bf16: 83 taps x 77.1 M elements = 6.4 G
+    # FMA = ~0.19 ms; ctx + gates + out = 315 MB = ~0.1 ms
+    f = cm.floor("fwd", (256, 56, 56, 96), (3, 5, 7), "bfloat16")
+    assert f["fma"] == 83 * 256 * 56 * 56 * 96
+    assert abs(f["fma"] / 1e9 - 6.4) < 0.05
+    assert abs(f["fma_floor_ms"] - 0.19) < 0.005
+    assert abs(f["hbm_bytes"] / 1e6 - 315) < 1
+    assert 0.09 < f["hbm_floor_ms"] < 0.1
+    assert f["floor_ms"] == f["fma_floor_ms"] and f["floor_bound"] == "fp32"
+    # fwd+bwd: 4x the taps (forward + ~3x backward)
+    fb = cm.floor("fwd+bwd", (256, 56, 56, 96), (3, 5, 7), "bfloat16")
+    assert abs(fb["fma_floor_ms"] - 4 * f["fma_floor_ms"]) < 1e-9
+
+
+def test_h100_table_is_the_only_source():
+    hw = cm.H100
+    assert hw["sms"] == 132 and hw["fp32_per_clk"] == 128 and hw["issue_warp_instr_per_clk"] == 4
+    assert hw["hbm_tb_s"] == 3.35 and hw["mufu_per_clk"] == 16
+    # occupancy: 120 regs x 128 threads -> 4 blocks of 4 warps; 64 regs x 256 threads + 93 KB smem -> 2
+    assert cm.occupancy(120, 5120, 4) == 4
+    assert cm.occupancy(64, 93 * 1024, 8) == 2
+    assert cm.occupancy(32, 0, 4) == 16
+
+
+SNIPPET = """
+.text.k:
+	//## File "/x/k.py", line 10
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+.L_x_0:
+	//## File "/x/k.py", line 12
+        /*0020*/              @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   LDG.E.U16 R8, desc[UR4][R2.64+0x10] ;
+        /*0040*/                   FFMA R9, R4, R5, R9 ;
+        /*0050*/                   HFMA2.MMA R10, -RZ, RZ, 0, 0 ;
+        /*0060*/                   MUFU.EX2 R11, R11 ;
+        /*0070*/                   LDS.64 R12, [R3] ;
+        /*0080*/                   STS.128 [R3], R4 ;
+        /*0090*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*00a0*/                   IADD3 R2, P1, R2, 0x20, RZ ;
+        /*00b0*/                   ISETP.GE.AND P0, PT, R2, 0x100, PT ;
+        /*00c0*/                   F2FP.BF16.F32.PACK_AB R4, R5, R4 ;
+        /*00d0*/                   STG.E.64 desc[UR4][R6.64], R4 ;
+	//## File "/x/k.py", line 11
+        /*00e0*/               @P0 BRA `(.L_x_0) ;
+        /*00f0*/                   EXIT ;
+.L_x_1:
+        /*0100*/                   BRA `(.L_x_1);
+        /*0110*/                   NOP;
+\t.section\t.nv.shared
+"""
+
+
+def test_classify_synthetic_sass():
+    ins = cm.parse_sass(SNIPPET, "k")
+    got = [(i.op, i.cls, i.width) for i in ins]
+    assert got == [("S2R", "move", 0), ("IMAD", "int", 0), ("LDG", "ldg", 16), ("LDG", "ldg", 2),
+                   ("FFMA", "ffma", 0), ("HFMA2", "hfma2", 0), ("MUFU", "mufu", 0), ("LDS", "lds", 8),
+                   ("STS", "sts", 16), ("BAR", "bar", 0), ("IADD3", "int", 0), ("ISETP", "int", 0),
+                   ("F2FP", "convert", 0), ("STG", "stg", 8), ("BRA", "control", 0), ("EXIT", "control", 0),
+                   ("BRA", "control", 0)]
+    assert ins[2].line == 12 and ins[0].line == 10 and ins[14].line == 11
+    loops = cm.find_loops(ins)
+    assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0xe0)]  # the trap self-branch is no loop
+    loops[0].trips = 5
+    c = cm.count(ins, loops)["item"]
+    assert c["ffma"] == 5 and c["ldg.16B"] == 5 and c["ldg.2B"] == 5 and c["control"] == 5 + 2
+    assert c["total"] == 13 * 5 + 4
+
+
+LOOP_KERNEL = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _inner(acc, x_ptr, offs, kz, K: tl.constexpr):
+    for a in range(0, K + kz):
+        for b in range(0, K + kz):
+            acc += tl.load(x_ptr + offs + a * 64 + b) * 1.5
+    return acc
+
+
+@triton.jit
+def kern(x_ptr, y_ptr, n, kz, K0: tl.constexpr, K1: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for r in range(0, n, BLOCK):
+        acc = _inner(acc, x_ptr + r, offs, kz, K0)
+    acc = _inner(acc, x_ptr, offs, kz, K1)
+    tl.store(y_ptr + offs, acc)
+'''
+
+DRIVER = r'''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import loopk
+from focalnet_kernels import cost_model as cm
+e = {"name": "loopk", "config": "t", "fn": loopk.kern,
+     "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "kz": "i32"},
+     "constexprs": {"K0": 3, "K1": 5, "BLOCK": 128}, "attrs": {}, "num_warps": 4, "num_stages": 1}
+c = cm.compile_entry(e)
+a = cm.analyze(c, dict(e["constexprs"], n=1024, kz=0))
+print(json.dumps({"loops": a["loops"], "ffma": a["item"]["ffma"]}))
+'''
+
+
+@needs_compiler
+def test_loop_trip_counts_on_a_tiny_kernel(tmp_path):
+    (tmp_path / "loopk.py").write_text(LOOP_KERNEL)
+    (tmp_path / "drv.py").write_text(DRIVER)
+    env = _env()
+    env["FOCALNET_COST_CACHE"] = str(tmp_path / "cache")
+    p = subprocess.run([sys.executable, str(tmp_path / "drv.py"), str(tmp_path)], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    got = sorted((lp["depth"], lp["how"].split(" ")[0], int(lp["trips"])) for lp in r["loops"])
+    # r loop: 1024 / 128 = 8 trips with the K0 = 3 tap loops inside; then the K1 = 5 tap loops.
+    # (LLVM unrolls the inner `b` loop: a peeled iteration, an x4 loop, an x2 block, an x1 loop)
+    assert (0, "kern:18", 8) in got and (1, "_inner:8", 3) in got and (0, "_inner:8", 5) in got, got
+    assert all(src.startswith("_inner:9") for d, src, t in got if d >= 1 and src != "_inner:8"), got
+    # one FFMA per tap per element (128 elements / 128 threads): 8 * 3*3 + 5*5
+    assert r["ffma"] == pytest.approx(8 * 9 + 25, rel=0.02)
+
+
+ROW_KEYS = {"backend", "direction", "shape", "kernel_sizes", "dtype", "predicted_ms", "floor_ms", "bound", "auto",
+            "instr_per_elem", "ffma_per_elem", "regs", "occupancy_warps", "config"}
+
+
+@needs_compiler
+def test_rows_have_the_keys():
+    p = subprocess.run([sys.executable, "-m", "focalnet_kernels.cost_model", "--json", "--stage", "4", "--kset",
+                        "SRF", "--dtype", "bfloat16", "--direction", "fwd", "--backend", "triton"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(rows) == 1
+    r = rows[0]
+    assert ROW_KEYS <= set(r)
+    assert r["backend"] == "triton" and r["direction"] == "fwd" and r["shape"] == [256, 7, 7, 768]
+    assert r["kernel_sizes"] == [3, 5] and r["dtype"] == "bfloat16"
+    assert r["predicted_ms"] >= r["floor_ms"] > 0
+    assert r["bound"].split()[0] in ("issue", "fp32", "mufu", "int", "l1", "l2", "hbm")
+    assert r["auto"] in (True, False)
+    assert len(r["candidates"]) >= 1
