@@ -173,9 +173,11 @@ def entry_key(entry):
 def _collect_here(archs, filt, jobs, select=None, modules=None):
     errors = []
     sel = set(select) if select is not None else None
+    # an entry may name the archs it is meant for ("archs", e.g. the 1x1-map specialisations)
     tasks = [(mod, i, a) for mod, i, e in _load_entries(errors, modules)
              if (not filt or filt in e["name"] or filt in _label(e))
-             and (sel is None or entry_key(e) in sel) for a in archs]
+             and (sel is None or entry_key(e) in sel) for a in archs
+             if a in e.get("archs", archs)]
     if jobs > 1 and len(tasks) > 1:
         import multiprocessing as mp
         ctx = mp.get_context("fork")

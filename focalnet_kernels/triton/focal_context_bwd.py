@@ -61,7 +61,8 @@ import triton
 import triton.language as tl
 
 from ..reference import gelu_grad
-from .focal_context_fwd import _INTERPRET, _gelu
+from .focal_context_fwd import (_INTERPRET, _check_grid, _gelu, _launch as _fwd_launch,
+                                 _ctx_align, _size_class, device_guard)
 
 # kernel side: jit functions may only read constexpr globals
 _K_INV_SQRT2 = tl.constexpr(0.7071067811865476)
@@ -115,6 +116,15 @@ WS_BUDGET_FLOATS = 1 << 24  # 64 MiB of fp32
 # helpers
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _aligned(v, A: tl.constexpr):
+    """v itself (the launcher checked v % A == 0), written so that the compiler knows A divides it:
+    integer arguments are not specialised, so alignment comes from these explicit constexprs."""
+    if A > 1:
+        v = (v // A) * A
+    return v
+
+
+@triton.jit
 def _tile_coords(t, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
     """Tile index t -> (b, h[TILE], w[TILE]); tiles are image-major, then rows, then columns."""
     nth = tl.cdiv(H, TILE_H)
@@ -166,18 +176,60 @@ def _even_c(args):
     return args["C"] % args["BLOCK_C"] == 0
 
 
-@triton.jit
+# Step-kernel configs that spill for some kernel sizes (sm_90, `python -m focalnet_kernels.report`
+# under Triton 3.6 / ptxas 12.8; 3.9 does not spill there): a non-top step (it also runs the
+# transposed conv of the level above) with 16-bit inputs spills 32 B at 8x8 c32 and 4x16 c32
+# (k=5, up=7), so those are pruned there and 8x16 c16 (149 registers, no spill) runs.  Big windows
+# (up >= 9) spill 24 B at 8x16 c16 and 8-16 B even at 8x8 c16 (the fully unrolled 169..225-tap
+# loops); not solved yet: 8x16 c16 is kept for them.
+def _spills(cfg, kout, kin, top, half):
+    if top or not half:
+        return False
+    return cfg in ((8, 8, 32), (4, 16, 32))
+
+
+def _prune_step(configs, nargs):
+    half = nargs["dout_ptr"].element_size() == 2
+    keep = [cf for cf in configs
+            if not _spills((cf.kwargs["TILE_H"], cf.kwargs["TILE_W"], cf.kwargs["BLOCK_C"]),
+                           nargs["KOUT"], nargs["KIN"], nargs["TOP"], half)]
+    return keep or configs[:1]
+
+
+# Integer arguments (shapes, strides, level numbers) are never specialised: a new batch size,
+# image size or view must not compile a new variant.  Speed-relevant facts are constexprs:
+# *_CONTIG (channel stride 1), *_ALIGN (batch/row/pixel strides multiples of it), EVEN_C.
+_NO_SPEC_GLOBAL = ["sdb", "sdh", "sdw", "sdc", "sgb", "sgh", "sgw", "sgc", "H", "W", "C", "LEVELS"]
+_NO_SPEC_DWCONV = ["s_b", "s_h", "s_w", "s_c", "B", "H", "W", "C", "size_class"]
+# The step kernel is the register-critical one: an aligned copy of a stride, (s // A) * A, is a
+# value ptxas must keep in a register, where a specialised stride stays a kernel parameter (constant
+# bank, free to re-read); with them the top step spilled 16 B under Triton 3.6.  So its strides and C
+# keep Triton's specialisation (a new view layout may compile a variant; a new size does not).
+_NO_SPEC_STEP = ["B", "H", "W", "R", "LEVEL", "LEVELS", "size_class"]
+
+
+@triton.jit(do_not_specialize=_NO_SPEC_GLOBAL)
 def _bwd_global_kernel(dout_ptr, sdb, sdh, sdw, sdc,
                        g_ptr, sgb, sgh, sgw, sgc,
                        pooled_ptr, gg_ptr, dpart_ptr,
                        H, W, C, LEVELS, scale,
-                       BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
-    """Program (b, blk): BLOCK_HW tokens of image b. grad_gates[tok, L] = s*sum_c dout*GELU(pooled);
-    dpart[b, blk, c] = sum_tokens dout * g[..., L]."""
-    b = tl.program_id(0)
-    blk = tl.program_id(1)
-    nblk = tl.num_programs(1)
+                       BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+                       D_CONTIG: tl.constexpr, D_ALIGN: tl.constexpr):
+    """Program b * nblk + blk: BLOCK_HW tokens of image b. grad_gates[tok, L] =
+    s*sum_c dout*GELU(pooled); dpart[b, blk, c] = sum_tokens dout * g[..., L]. (One grid axis:
+    axis 0 allows 2^31 - 1 programs, axis 1 only 65535.)"""
+    if EVEN_C:
+        C = _aligned(C, BLOCK_C)
+    if D_CONTIG:
+        sdc = 1
+    sdb = _aligned(sdb, D_ALIGN)
+    sdh = _aligned(sdh, D_ALIGN)
+    sdw = _aligned(sdw, D_ALIGN)
     HW = H * W
+    nblk = tl.cdiv(HW, BLOCK_HW)
+    pid = tl.program_id(0)
+    b = pid // nblk
+    blk = pid - b * nblk
     hw = blk * BLOCK_HW + tl.arange(0, BLOCK_HW)
     tm = hw < HW
     hh = hw // W
@@ -204,17 +256,29 @@ def _bwd_global_kernel(dout_ptr, sdb, sdh, sdw, sdc,
     tl.store(gg_ptr + tok * (LEVELS + 1) + LEVELS, (gdot * scale).to(gg_ptr.dtype.element_ty), mask=tm)
 
 
-@triton.autotune(configs=_autotune_configs(), key=["B", "H", "W", "C", "K", "FLIP"])
+# autotune keys: no B, H, W (size_class is an image-size bucket; dtypes are appended by autotune)
+@triton.autotune(configs=_autotune_configs(), key=["size_class", "C", "K", "FLIP", "SRC_CONTIG", "SRC_ALIGN"])
 @triton.heuristics({"EVEN_C": _even_c})
-@triton.jit
-def _dwconv_kernel(src_ptr, s_b, s_h, s_w, s_c, w_ptr, dst_ptr, B, H, W, C,
+@triton.jit(do_not_specialize=_NO_SPEC_DWCONV)
+def _dwconv_kernel(src_ptr, s_b, s_h, s_w, s_c, w_ptr, dst_ptr, B, H, W, C, size_class,
                    K: tl.constexpr, FLIP: tl.constexpr, GELU: tl.constexpr,
+                   SRC_CONTIG: tl.constexpr, SRC_ALIGN: tl.constexpr,
                    TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
                    EVEN_C: tl.constexpr):
-    """dst (contiguous B*H*W*C) = [GELU](dwconv or transposed dwconv of src). Grid (tiles, c-blocks)."""
+    """dst (contiguous B*H*W*C) = [GELU](dwconv or transposed dwconv of src). One grid axis:
+    program cb * n_tiles + t (tile t fastest, as a (tiles, c-blocks) grid would run)."""
     TILE: tl.constexpr = TILE_H * TILE_W
-    t = tl.program_id(0)
-    cb = tl.program_id(1)
+    if EVEN_C:
+        C = _aligned(C, BLOCK_C)
+    if SRC_CONTIG:
+        s_c = 1
+    s_b = _aligned(s_b, SRC_ALIGN)
+    s_h = _aligned(s_h, SRC_ALIGN)
+    s_w = _aligned(s_w, SRC_ALIGN)
+    n_tiles = B * tl.cdiv(H, TILE_H) * tl.cdiv(W, TILE_W)
+    pid = tl.program_id(0)
+    cb = pid // n_tiles
+    t = pid - cb * n_tiles
     b, hh, ww = _tile_coords(t, H, W, TILE_H, TILE_W)
     cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     if EVEN_C:
@@ -232,9 +296,10 @@ def _dwconv_kernel(src_ptr, s_b, s_h, s_w, s_c, w_ptr, dst_ptr, B, H, W, C,
              mask=valid[:, None] & cm[None, :])
 
 
-@triton.autotune(configs=_autotune_configs(), key=["B", "H", "W", "C", "KOUT", "KIN", "TOP"])
+@triton.autotune(configs=_autotune_configs(), key=["size_class", "C", "KOUT", "KIN", "TOP"],
+                 prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _prune_step(configs, nargs)})
 @triton.heuristics({"EVEN_C": _even_c})
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPEC_STEP)
 def _bwd_step_kernel(x_ptr, sxb, sxh, sxw, sxc,          # x_l (ctx with its strides, or fp32 scratch)
                      w_ptr,                              # w_l tap-major [KOUT, KOUT, C] fp32
                      dzin_ptr, szb, szh, szw, win_ptr,   # dz_{l+1} (fp32, channel stride 1), w_{l+1}
@@ -244,7 +309,7 @@ def _bwd_step_kernel(x_ptr, sxb, sxh, sxw, sxc,          # x_l (ctx with its str
                      dz_ptr,                             # out: dz_l, fp32 contiguous
                      gg_ptr,                             # out: grad_gates contiguous [B*H*W, L+1]
                      ws_ptr,                             # out: [R, KOUT, KOUT, C] fp32 partials
-                     B, H, W, C, R, LEVEL, LEVELS, scale,
+                     B, H, W, C, R, LEVEL, LEVELS, scale, size_class,
                      KOUT: tl.constexpr, KIN: tl.constexpr, TOP: tl.constexpr,
                      TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
                      EVEN_C: tl.constexpr):
@@ -326,12 +391,29 @@ def _rows(B: int, H: int, W: int, C: int, k: int) -> int:
 
 
 def _tile_grid(B, H, W, C):
-    return lambda META: (_ntiles(B, H, W, META["TILE_H"], META["TILE_W"]), triton.cdiv(C, META["BLOCK_C"]))
+    """One grid axis (limit 2^31 - 1): tiles x channel blocks."""
+    return lambda META: _check_grid((_ntiles(B, H, W, META["TILE_H"], META["TILE_W"])
+                                     * triton.cdiv(C, META["BLOCK_C"]),))
+
+
+def global_grid(B, HW):
+    return _check_grid((B * triton.cdiv(HW, _G_BLOCK_HW),))
+
+
+def _view_flags(t):
+    """(channel stride is 1, alignment of the other strides in elements) of a B x H x W x C view."""
+    contig = t.stride(3) == 1 or t.shape[3] == 1
+    return contig, _ctx_align(t) if contig else 1
 
 
 def focal_context_bwd_triton(grad_out: torch.Tensor, ctx: torch.Tensor, gates: torch.Tensor,
                              weights: Sequence[torch.Tensor], pooled: torch.Tensor,
                              normalize: bool) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    with device_guard(ctx.device):
+        return _bwd(grad_out, ctx, gates, weights, pooled, normalize)
+
+
+def _bwd(grad_out, ctx, gates, weights, pooled, normalize):
     B, H, W, C = ctx.shape
     L = len(weights)
     assert L >= 1 and gates.shape == (B, H, W, L + 1) and grad_out.shape == ctx.shape
@@ -345,6 +427,8 @@ def focal_context_bwd_triton(grad_out: torch.Tensor, ctx: torch.Tensor, gates: t
     wt = [w.permute(1, 2, 0).contiguous() for w in weights]
     s = 1.0 / (L + 1) if normalize else 1.0
     HW = H * W
+    sc = _size_class(H, W)
+    d_contig, d_align = _view_flags(grad_out)
 
     grad_ctx = torch.empty((B, H, W, C), dtype=ctx.dtype, device=dev)
     grad_gates = torch.empty((B, H, W, L + 1), dtype=ctx.dtype, device=dev)
@@ -353,10 +437,11 @@ def focal_context_bwd_triton(grad_out: torch.Tensor, ctx: torch.Tensor, gates: t
     # (1) global term: grad_gates[..., L] and dpool
     nblk = triton.cdiv(HW, _G_BLOCK_HW)
     dpart = torch.empty((B, nblk, C), dtype=torch.float32, device=dev)
-    _bwd_global_kernel[(B, nblk)](
+    _launch(_bwd_global_kernel, global_grid(B, HW), (
         grad_out, *grad_out.stride(), gates, *gates.stride(), pooled, grad_gates, dpart,
-        H, W, C, L, s, BLOCK_HW=_G_BLOCK_HW, BLOCK_C=_G_BLOCK_C, EVEN_C=C % _G_BLOCK_C == 0,
-        num_warps=_G_NUM_WARPS, num_stages=_NUM_STAGES)
+        H, W, C, L, s), dict(
+        BLOCK_HW=_G_BLOCK_HW, BLOCK_C=_G_BLOCK_C, EVEN_C=C % _G_BLOCK_C == 0,
+        D_CONTIG=d_contig, D_ALIGN=d_align, num_warps=_G_NUM_WARPS, num_stages=_NUM_STAGES))
     dxg = (gelu_grad(pooled) * dpart.sum(1) * (s / HW)).contiguous()  # [B, C] fp32
     del dpart
 
@@ -366,7 +451,9 @@ def focal_context_bwd_triton(grad_out: torch.Tensor, ctx: torch.Tensor, gates: t
     for l in range(L - 1):
         src = xs[-1]
         dst = torch.empty((B, H, W, C), dtype=torch.float32, device=dev)
-        _dwconv_kernel[grid](src, *src.stride(), wt[l], dst, B, H, W, C, K=ks[l], FLIP=False, GELU=True)
+        contig, align = _view_flags(src)
+        _launch(_dwconv_kernel, grid, (src, *src.stride(), wt[l], dst, B, H, W, C, sc), dict(
+            K=ks[l], FLIP=False, GELU=True, SRC_CONTIG=contig, SRC_ALIGN=align))
         xs.append(dst)
 
     # (3) level steps, top down. dz_l goes into x_{l+1}'s buffer (free by then) or a new one (top).
@@ -378,13 +465,13 @@ def focal_context_bwd_triton(grad_out: torch.Tensor, ctx: torch.Tensor, gates: t
         R = _rows(B, H, W, C, ks[l])
         ws = torch.empty((R, ks[l], ks[l], C), dtype=torch.float32, device=dev)
         x = xs[l]
-        _bwd_step_kernel[(R,)](
+        _launch(_bwd_step_kernel, _check_grid((R,)), (
             x, *x.stride(), wt[l],
             dz if top else dz_next, *dz.stride()[:3], wt[l] if top else wt[l + 1],
             grad_out, *grad_out.stride(), gates, *gates.stride(),
             dxg, dz, grad_gates, ws,
-            B, H, W, C, R, l, L, s,
-            KOUT=ks[l], KIN=1 if top else ks[l + 1], TOP=top)
+            B, H, W, C, R, l, L, s, sc), dict(
+            KOUT=ks[l], KIN=1 if top else ks[l + 1], TOP=top))
         # second, fixed-order stage of the weight-gradient reduction
         grad_w[l] = ws.sum(0).permute(2, 0, 1).contiguous()
         del ws
@@ -393,9 +480,14 @@ def focal_context_bwd_triton(grad_out: torch.Tensor, ctx: torch.Tensor, gates: t
         dz_next = dz
 
     # (4) grad_ctx = conv_transpose(dz_0, w_0)
-    _dwconv_kernel[grid](dz_next, *dz_next.stride(), wt[0], grad_ctx, B, H, W, C,
-                         K=ks[0], FLIP=True, GELU=False)
+    _launch(_dwconv_kernel, grid, (dz_next, *dz_next.stride(), wt[0], grad_ctx, B, H, W, C, sc),
+            dict(K=ks[0], FLIP=True, GELU=False, SRC_CONTIG=True, SRC_ALIGN=_ctx_align(dz_next)))
     return grad_ctx, grad_gates, grad_w
+
+
+def _launch(kernel, grid, args, kwargs):
+    # the forward module's launch point (one hook records both modules' launches)
+    return _fwd_launch(kernel, grid, args, kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,18 +512,34 @@ def _cfg_label(th, tw, bc, nw):
     return f"{th}x{tw} c{bc} w{nw} s{_NUM_STAGES}"
 
 
+def _valign(dt):
+    return 4 if dt == "*fp32" else 8  # one 16-byte vector in elements
+
+
+def _ones(entry, names, tag):
+    """The same entry with the integer arguments `names` given as the constant 1 (what Triton made
+    of an argument equal to 1 before they were unspecialised): H = 1, W = 1, H = W = 1 maps."""
+    e = dict(entry, signature={k: v for k, v in entry["signature"].items() if k not in names},
+             constexprs={**entry["constexprs"], **{n: 1 for n in names}},
+             attrs={k: v for k, v in entry["attrs"].items() if k not in names})
+    e["name"] = entry["name"][:-1] + f" {tag}]"
+    e["archs"] = (90,)
+    return e
+
+
 def _report_global(dt):
     sig = {"dout_ptr": dt, "g_ptr": dt, "pooled_ptr": "*fp32", "gg_ptr": dt, "dpart_ptr": "*fp32"}
-    sig.update({n: "i32" for n in ("sdb", "sdh", "sdw", "sgb", "sgh", "sgw", "H", "W", "C", "LEVELS")})
+    sig.update({n: "i32" for n in ("sdb", "sdh", "sdw", "sdc", "sgb", "sgh", "sgw", "sgc", "H", "W", "C",
+                                   "LEVELS")})
     sig["scale"] = "fp32"
     return {
         "name": f"bwd_global[{dt[1:]}]",
         "config": f"p{_G_BLOCK_HW} c{_G_BLOCK_C} w{_G_NUM_WARPS} s{_NUM_STAGES}",
         "fn": _bwd_global_kernel,
         "signature": sig,
-        "constexprs": {"sdc": 1, "sgc": 1, "BLOCK_HW": _G_BLOCK_HW, "BLOCK_C": _G_BLOCK_C, "EVEN_C": True},
-        "attrs": {n: _D16 for n in ("dout_ptr", "g_ptr", "pooled_ptr", "gg_ptr", "dpart_ptr", "C", "sdb", "sdh",
-                                    "sdw")},
+        "constexprs": {"BLOCK_HW": _G_BLOCK_HW, "BLOCK_C": _G_BLOCK_C, "EVEN_C": True,
+                       "D_CONTIG": True, "D_ALIGN": _valign(dt)},
+        "attrs": {n: _D16 for n in ("dout_ptr", "g_ptr", "pooled_ptr", "gg_ptr", "dpart_ptr")},
         "num_warps": _G_NUM_WARPS, "num_stages": _NUM_STAGES,
     }
 
@@ -442,16 +550,15 @@ def _report_dwconv(dt, cfg, k, final):
     # final: fp32 dz_0 scratch -> grad_ctx in the ctx dtype
     src, dst = ("*fp32", dt) if final else (dt, "*fp32")
     sig = {"src_ptr": src, "w_ptr": "*fp32", "dst_ptr": dst}
-    sig.update({n: "i32" for n in ("s_b", "s_h", "s_w", "B", "H", "W", "C")})
-    attrs = {n: _D16 for n in ("src_ptr", "w_ptr", "dst_ptr", "C")}
-    if final:
-        attrs.update({n: _D16 for n in ("s_b", "s_h", "s_w")})
+    sig.update({n: "i32" for n in ("s_b", "s_h", "s_w", "s_c", "B", "H", "W", "C", "size_class")})
+    attrs = {n: _D16 for n in ("src_ptr", "w_ptr", "dst_ptr")}
     return {
         "name": f"bwd_{'grad_ctx' if final else 'recompute'}[{dt[1:]} k={k}]",
         "config": _cfg_label(*cfg),
         "fn": _raw(_dwconv_kernel),
         "signature": sig,
-        "constexprs": {"s_c": 1, "K": k, "FLIP": final, "GELU": not final,
+        "constexprs": {"K": k, "FLIP": final, "GELU": not final, "SRC_CONTIG": True,
+                       "SRC_ALIGN": 4 if final else 1,
                        "TILE_H": th, "TILE_W": tw, "BLOCK_C": bc, "EVEN_C": True},
         "attrs": attrs,
         "num_warps": nw, "num_stages": _NUM_STAGES,
@@ -464,9 +571,11 @@ def _report_step(dt, cfg, kout, kin):
     sig = {"x_ptr": "*fp32", "w_ptr": "*fp32", "dzin_ptr": "*fp32", "win_ptr": "*fp32", "dout_ptr": dt,
            "g_ptr": dt, "dxg_ptr": "*fp32", "dz_ptr": "*fp32", "gg_ptr": dt, "ws_ptr": "*fp32"}
     sig.update({n: "i32" for n in ("sxb", "sxh", "sxw", "szb", "szh", "szw", "sdb", "sdh", "sdw",
-                                   "sgb", "sgh", "sgw", "B", "H", "W", "C", "R", "LEVEL", "LEVELS")})
+                                   "sgb", "sgh", "sgw", "B", "H", "W", "C", "R", "LEVEL", "LEVELS",
+                                   "size_class")})
     sig["scale"] = "fp32"
-    # x_l is the fp32 scratch (L >= 2), dz_{l+1} too: contiguous, aligned strides
+    # x_l is the fp32 scratch (L >= 2), dz_{l+1} too: contiguous, aligned strides (still
+    # specialised in this kernel, see _NO_SPEC_STEP)
     attrs = {n: _D16 for n in ("x_ptr", "w_ptr", "dzin_ptr", "win_ptr", "dout_ptr", "g_ptr", "dxg_ptr",
                                "dz_ptr", "gg_ptr", "ws_ptr", "C", "sxb", "sxh", "sxw", "szb", "szh",
                                "szw", "sdb", "sdh", "sdw")}
@@ -491,6 +600,11 @@ def _report_kernels():
     out += [_report_step("*bf16", big, 15, 0), _report_step("*bf16", big, 13, 15)]
     base = _TILE_CONFIGS[0]
     out += [_report_step("*fp32", base, 5, 7), _report_dwconv("*fp32", base, 3, True)]
+    # 1 x 1 maps (and H = 1 or W = 1) as Triton specialised them before the shape arguments were
+    # unspecialised, sm_90 only: the kernels must compile with constant shapes too
+    for e in (_report_global("*bf16"), _report_dwconv("*bf16", base, 3, False),
+              _report_step("*bf16", base, 5, 7), _report_dwconv("*bf16", base, 3, True)):
+        out += [_ones(e, ("H", "W"), "H=W=1"), _ones(e, ("H",), "H=1"), _ones(e, ("W",), "W=1")]
     return out
 
 

@@ -60,6 +60,7 @@ options={"num_warps": num_warps, "num_stages": num_stages})``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -159,7 +160,16 @@ def _gate_interior(acc, src, g_ptrs, tvalid, ti, tj, cc,
 # ----------------------------------------------------------------------------------------------
 # kernel 1: all levels, local part of out + per-tile partial sums of x_L
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+# Shapes, strides and the other integer arguments are not specialised (Triton would otherwise
+# compile a new variant whenever one of them equals 1 or is divisible by 16: per batch size, image
+# size and view).  What matters for speed is explicit: CTX_ALIGN (pixel/batch strides of ctx),
+# C_CONTIG (channel stride 1) and EVEN_C (C a multiple of BLOCK_C, which also makes every
+# C-strided base offset BLOCK_C-aligned, below).  Pointer alignment is still specialised.
+_LOCAL_NO_SPEC = ["B", "H", "W", "C", "s_b", "s_h", "s_w", "s_c", "g_b", "g_h", "g_w", "g_l",
+                  "size_class"]
+
+
+@triton.jit(do_not_specialize=_LOCAL_NO_SPEC)
 def _fwd_local_kernel(
         ctx_ptr, g_ptr, w_ptr, out_ptr, part_ptr, nt_ptr, scr_ptr,
         B, H, W, C,
@@ -174,6 +184,11 @@ def _fwd_local_kernel(
     # dozens of loads and their weights, which measured 130-255 registers and spills with the
     # ptxas 13 of Triton 3.9, vs ~90-127 registers and no spills with runtime loops (ptxas still
     # unrolls them a few taps deep for ILP).
+    if EVEN_C:
+        # identity (C % BLOCK_C == 0), but it tells the compiler that C is a multiple of BLOCK_C:
+        # the weight, out and partial offsets (multiples of C) stay vector-aligned without
+        # specialising C itself
+        C = (C // BLOCK_C) * BLOCK_C
     TP: tl.constexpr = TILE_H * TILE_W
     # halos still needed after each level (unused levels have K = 0 -> p = 0)
     P1: tl.constexpr = K1 // 2
@@ -325,15 +340,19 @@ def _fwd_local_kernel(
 # ----------------------------------------------------------------------------------------------
 # kernel 2: pooled = fixed-order sum of partials / (H*W); out += s * g_L * GELU(pooled)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["HW", "W", "C", "g_b", "g_h", "g_w", "g_l"])
 def _fwd_global_kernel(
         out_ptr, g_ptr, part_ptr, nt_ptr, pooled_ptr,
         HW, W, C, g_b, g_h, g_w, g_l, scale,
         L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
         P_ITERS: tl.constexpr):
-    pb = tl.program_id(0)
+    # grid (B * pixel blocks, channel blocks): the batch shares axis 0 (limit 2^31 - 1) with the
+    # pixel blocks instead of having grid z to itself (limit 65535)
+    NPB = (HW + BLOCK_P * P_ITERS - 1) // (BLOCK_P * P_ITERS)
+    pid = tl.program_id(0)
+    pb = pid % NPB
+    b64 = (pid // NPB).to(tl.int64)
     cb = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     # deterministic: same layout, same order, every call (and every program of this b)
@@ -344,14 +363,18 @@ def _fwd_global_kernel(
         t = t0 + tt
         sacc += tl.load(part_ptr + (b64 * NT + t)[:, None] * C + c[None, :],
                         mask=(t < NT)[:, None] & cmask[None, :], other=0.0)
-    pooled = tl.sum(sacc, axis=0) / HW.to(tl.float32)
+    # `HW * 1.0`, not `HW.to(tl.float32)`: compiles also where HW is a compile-time constant
+    # (Triton turns an integer argument equal to 1 into one); the same int -> fp32 rounding
+    pooled = tl.sum(sacc, axis=0) / (HW * 1.0)
     if pb == 0:
         tl.store(pooled_ptr + b64 * C + c, pooled, mask=cmask)
     gp = _gelu(pooled) * scale
     pp = tl.arange(0, BLOCK_P)
     g_base = g_ptr + b64 * g_b + L * g_l
     o_base = out_ptr + b64 * HW * C
-    for it in range(P_ITERS):
+    # only the pixel blocks that exist (a 7x7 map has one, not P_ITERS masked ones)
+    n_it = tl.minimum(P_ITERS, (HW - pb * (P_ITERS * BLOCK_P) + BLOCK_P - 1) // BLOCK_P)
+    for it in range(0, n_it):
         p = (pb * P_ITERS + it) * BLOCK_P + pp
         pm = p < HW
         h = p // W
@@ -451,13 +474,97 @@ def _slot_elems(th, tw, bc, ks):
     return (th + 2 * hl1) * (tw + 2 * hl1) * bc
 
 
-def _max_prog(device, total):
+def _per_sm_guess(device, elem_size, L):
+    """Programs per SM before a kernel of this kind has run on `device` (its register count is
+    unknown then).  From the compile report (sm_90, 4 warps, Triton 3.6 and 3.9): the bf16/fp16
+    local kernel needs <= 128 registers -> 4 CTAs per SM; fp32 with L = 4 needs 139-144 -> 3;
+    sm_8x builds need 114-168 -> 3.  After the first launch the measured count replaces it."""
+    if device.type != "cuda":
+        return _PROGS_PER_SM
+    major = torch.cuda.get_device_capability(device)[0]
+    if major < 9 or (elem_size >= 4 and L >= 4):
+        return 3
+    return _PROGS_PER_SM
+
+
+# (device index, kernel kind, config) -> programs per SM that fit in one wave, from the compiled
+# kernel's register count (CompiledKernel.n_regs after its first launch).
+_OCCUPANCY = {}
+
+
+def ctas_per_sm(n_regs, num_warps, shared_bytes=0, props=None):
+    """Resident CTAs per SM for a kernel with `n_regs` registers per thread (the register file is
+    split over 4 SM sub-partitions of 16384 registers, allocated per warp in units of 256)."""
+    regs_sm = getattr(props, "regs_per_multiprocessor", 65536) or 65536
+    threads_sm = getattr(props, "max_threads_per_multi_processor", 2048) or 2048
+    smem_sm = getattr(props, "shared_memory_per_multiprocessor", 233472) or 233472
+    warp_regs = ((max(1, n_regs) * 32 + 255) // 256) * 256
+    warps = 4 * ((regs_sm // 4) // warp_regs)
+    n = min(warps // num_warps, threads_sm // (32 * num_warps), 32)
+    if shared_bytes:
+        n = min(n, smem_sm // shared_bytes)
+    return max(1, n)
+
+
+def _record_occupancy(kind_key, device, autotuner, compiled):
+    """After a launch: remember how many programs of the config that ran fit on one SM."""
+    if device.type != "cuda" or _INTERPRET:
+        return
+    try:
+        cfg = autotuner.best_config
+        n_regs = int(compiled.n_regs)
+        shared = int(getattr(compiled.metadata, "shared", 0) or 0)
+        props = torch.cuda.get_device_properties(device)
+        key = (device.index, kind_key, tuple(sorted(cfg.kwargs.items())), cfg.num_warps)
+        _OCCUPANCY[key] = ctas_per_sm(n_regs, cfg.num_warps, shared, props)
+    except Exception:  # an unexpected Triton version: keep the guess
+        pass
+
+
+def _max_prog(device, total, kind_key=None, cfg=None, guess=_PROGS_PER_SM):
+    """Persistent grid: never more programs than fit in one wave."""
     if _INTERPRET or device.type != "cuda":
         return min(total, _INTERP_PROGRAMS)
     props = torch.cuda.get_device_properties(device)
-    # sm_8x builds need 114-168 registers (report.py): 3 resident 4-warp CTAs, not 4
-    per_sm = _PROGS_PER_SM if props.major >= 9 else 3
+    per_sm = guess
+    if cfg is not None:
+        key = (device.index, kind_key, tuple(sorted(cfg["kwargs"].items())), cfg["num_warps"])
+        per_sm = _OCCUPANCY.get(key, guess)
     return min(total, props.multi_processor_count * per_sm)
+
+
+# Scratch budget per call (fp32 levels x_1 .. x_{L-1} of the resident programs): the persistent
+# program count is capped so that one config's scratch stays within it.  Large windows (k = 9..15,
+# halo 18) need ~170 KB per program at 16x16 c8, so the cap is ~390 programs there; LRF needs
+# 60-83 KB per program and is not capped on an H100.
+SCRATCH_BUDGET_BYTES = 64 << 20
+
+
+def _scratch_floats(nprog, slot, n_slots):
+    # the kernel strides programs by 2 slots; slot 1 is only touched when L >= 3
+    return (nprog - 1) * 2 * slot + n_slots * slot if n_slots else 0
+
+
+def _budget_prog(slot, n_slots):
+    if not n_slots:
+        return 1 << 30
+    return max(1, (SCRATCH_BUDGET_BYTES // 4 - n_slots * slot) // (2 * slot) + 1)
+
+
+def scratch_plan(B, H, W, C, ks, elem_size=2, sms=132, per_sm=_PROGS_PER_SM, configs=None):
+    """[(config label, programs, scratch bytes)] for the candidate configs of one call; the
+    launcher allocates the largest.  (Used by the report; the launcher uses the same functions.)"""
+    L = len(ks)
+    n_slots = 2 if L >= 3 else 1 if L == 2 else 0
+    out = []
+    x = torch.empty(0, dtype=torch.float32 if elem_size >= 4 else torch.bfloat16, device="meta")
+    for cf in _prune(configs or _GPU_CONFIGS, {"C": C, "ctx_ptr": x}):
+        th, tw, bc = cf.kwargs["TILE_H"], cf.kwargs["TILE_W"], cf.kwargs["BLOCK_C"]
+        slot = _slot_elems(th, tw, bc, ks)
+        work = B * triton.cdiv(H, th) * triton.cdiv(W, tw) * triton.cdiv(C, bc)
+        n = min(work, sms * per_sm, _budget_prog(slot, n_slots))
+        out.append((f"{th}x{tw} c{bc} w{cf.num_warps}", n, 4 * _scratch_floats(n, slot, n_slots)))
+    return out
 
 
 def _size_class(H, W):
@@ -480,8 +587,45 @@ def _max_offset(t):
     return sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]) if n > 0)
 
 
+def _launch(kernel, grid, args, kwargs):
+    """Every Triton launch of this module goes through here (tests and the report's compile
+    count replace _LAUNCH_HOOK to record the launches instead)."""
+    if _LAUNCH_HOOK is not None:
+        return _LAUNCH_HOOK(kernel, grid, args, kwargs)
+    return kernel[grid](*args, **kwargs)
+
+
+_LAUNCH_HOOK = None
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def _check_grid(grid):
+    for n, lim in zip(grid, GRID_LIMITS):
+        if not 1 <= n <= lim:
+            raise ValueError(f"focal_context_fwd_triton: grid {grid} exceeds the CUDA limits")
+    return grid
+
+
+def device_guard(device):
+    """The launches must run on the tensors' device, whatever the current device is."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def global_grid(B, HW, C):
+    """Grid of the global kernel: (B * pixel blocks, channel blocks)."""
+    return _check_grid((B * triton.cdiv(HW, _GLOBAL_BLOCK_P * _GLOBAL_P_ITERS),
+                        triton.cdiv(C, _global_block_c(C))))
+
+
 def focal_context_fwd_triton(ctx, gates, weights, normalize):
     """Contract ``fwd``: returns (out [B,H,W,C] contiguous in ctx.dtype, pooled [B,C] fp32)."""
+    with device_guard(ctx.device):
+        return _fwd(ctx, gates, weights, normalize)
+
+
+def _fwd(ctx, gates, weights, normalize):
     B, H, W, C = ctx.shape
     L = len(weights)
     if not 1 <= L <= 4:
@@ -513,38 +657,43 @@ def focal_context_fwd_triton(ctx, gates, weights, normalize):
     min_th = min(cf.kwargs["TILE_H"] for cf in cands)
     min_tw = min(cf.kwargs["TILE_W"] for cf in cands)
     nt_max = triton.cdiv(H, min_th) * triton.cdiv(W, min_tw)
-
-    def work(meta):
-        return (B * triton.cdiv(H, meta["TILE_H"]) * triton.cdiv(W, meta["TILE_W"])
-                * triton.cdiv(C, meta["BLOCK_C"]))
-
-    nprog_max = max(_max_prog(dev, work(cf.kwargs)) for cf in cands)
-    slot = max(_slot_elems(cf.kwargs["TILE_H"], cf.kwargs["TILE_W"], cf.kwargs["BLOCK_C"], ks)
-               for cf in cands)
     n_slots = 2 if L >= 3 else 1 if L == 2 else 0
-    # kernel indexes programs with stride 2*slot; slot 1 is only touched when L >= 3
-    scratch = torch.empty(max(1, (nprog_max - 1) * 2 * slot + n_slots * slot),
-                          dtype=torch.float32, device=dev)
+    kind = (str(ctx.dtype), tuple(ks))
+    guess = _per_sm_guess(dev, ctx.element_size(), L)
+
+    def nprog(meta, num_warps):
+        th, tw, bc = meta["TILE_H"], meta["TILE_W"], meta["BLOCK_C"]
+        work = B * triton.cdiv(H, th) * triton.cdiv(W, tw) * triton.cdiv(C, bc)
+        cfg = {"kwargs": {"TILE_H": th, "TILE_W": tw, "BLOCK_C": bc}, "num_warps": num_warps}
+        n = _max_prog(dev, work, kind, cfg, guess)
+        return min(n, _budget_prog(_slot_elems(th, tw, bc, ks), n_slots))
+
+    scratch_n = max(_scratch_floats(nprog(cf.kwargs, cf.num_warps),
+                                    _slot_elems(cf.kwargs["TILE_H"], cf.kwargs["TILE_W"],
+                                                cf.kwargs["BLOCK_C"], ks), n_slots)
+                    for cf in cands)
+    scratch = torch.empty(max(1, scratch_n), dtype=torch.float32, device=dev)
     # partials [B, n_tiles, C] fp32, then one int32 word: n_tiles of the config that ran
     part_all = torch.empty((B * nt_max * C + 1,), dtype=torch.float32, device=dev)
     part = part_all[:-1]
     nt_word = part_all[-1:].view(torch.int32)
 
     def grid(meta):
-        return (_max_prog(dev, work(meta)),)
+        return _check_grid((nprog(meta, meta.get("num_warps", 4)),))
 
     c_contig = s_c == 1 or C == 1
-    _fwd_local[grid](
+    ret = _launch(_fwd_local, grid, (
         ctx, gates, wpack, out, part, nt_word, scratch, B, H, W, C,
-        s_b, s_h, s_w, s_c, g_b, g_h, g_w, g_l, scale, _size_class(H, W), 0,
+        s_b, s_h, s_w, s_c, g_b, g_h, g_w, g_l, scale, _size_class(H, W), 0), dict(
         L=L, K0=K[0], K1=K[1], K2=K[2], K3=K[3], C_CONTIG=c_contig,
-        CTX_ALIGN=_ctx_align(ctx) if c_contig else 1)
+        CTX_ALIGN=_ctx_align(ctx) if c_contig else 1))
+    if _LAUNCH_HOOK is None:
+        _record_occupancy(kind, dev, _fwd_local, ret)
     bcg = _global_block_c(C)
-    grid2 = (triton.cdiv(H * W, _GLOBAL_BLOCK_P * _GLOBAL_P_ITERS), triton.cdiv(C, bcg), B)
-    _fwd_global_kernel[grid2](
-        out, gates, part, nt_word, pooled, H * W, W, C, g_b, g_h, g_w, g_l, scale,
+    _launch(_fwd_global_kernel, global_grid(B, H * W, C), (
+        out, gates, part, nt_word, pooled, H * W, W, C, g_b, g_h, g_w, g_l, scale), dict(
         L=L, BLOCK_P=_GLOBAL_BLOCK_P, BLOCK_C=bcg, BLOCK_T=_GLOBAL_BLOCK_T,
-        P_ITERS=_GLOBAL_P_ITERS, num_warps=_GLOBAL_WARPS)
+        P_ITERS=_GLOBAL_P_ITERS, num_warps=_GLOBAL_WARPS))
     return out, pooled
 
 
@@ -579,10 +728,10 @@ def _local_entry(dt, ks, th, tw, bc, warps, align=None, tag=""):
     sig.update({n: "i32" for n in ("B", "H", "W", "C", "s_b", "s_h", "s_w", "s_c",
                                    "g_b", "g_h", "g_w", "g_l", "size_class", "kz")})
     sig["scale"] = "fp32"
-    attrs = {n: _D16 for n in ("ctx_ptr", "g_ptr", "w_ptr", "out_ptr", "part_ptr", "scr_ptr",
-                               "C", "g_b", "kz")}
+    # shapes and strides are not specialised (_LOCAL_NO_SPEC): no attributes; CTX_ALIGN carries
+    # the stride alignment
+    attrs = {n: _D16 for n in ("ctx_ptr", "g_ptr", "w_ptr", "out_ptr", "part_ptr", "scr_ptr", "kz")}
     if align is None:
-        attrs.update({"s_b": _D16, "s_h": _D16, "s_w": _D16})
         align = 16 // (4 if dt == "fp32" else 2)
     return {
         "name": f"fwd_local[{dt} k={','.join(map(str, ks))}{tag}]",
@@ -610,8 +759,7 @@ def _global_entry(dt, L, bc):
         "signature": sig,
         "constexprs": {"L": L, "BLOCK_P": _GLOBAL_BLOCK_P, "BLOCK_C": bc,
                        "BLOCK_T": _GLOBAL_BLOCK_T, "P_ITERS": _GLOBAL_P_ITERS},
-        "attrs": {n: _D16 for n in ("out_ptr", "g_ptr", "part_ptr", "pooled_ptr", "C", "HW",
-                                    "g_b")},
+        "attrs": {n: _D16 for n in ("out_ptr", "g_ptr", "part_ptr", "pooled_ptr")},
         "num_warps": _GLOBAL_WARPS,
         "num_stages": 3,
     }
@@ -632,7 +780,25 @@ def _build_report_kernels():
     entries.append(_local_entry("bf16", _REPORT_KSETS["srf"], 8, 8, 32, 4, align=1,
                                 tag=" slice-view"))
     entries.append(_global_entry("bf16", 3, 64))
+    # 1 x 1 maps (and H = 1 or W = 1) as Triton specialised them before the shape arguments were
+    # unspecialised (an argument equal to 1 became a constant; `HW.to(tl.float32)` then failed to
+    # compile), sm_90 only
+    for names, tag in ((("H", "W"), "H=W=1"), (("H",), "H=1"), (("W",), "W=1")):
+        e = _local_entry("bf16", _REPORT_KSETS["lrf"], 8, 8, 32, 4)
+        entries.append(_const_ones(e, names, tag))
+        gnames = {("H", "W"): ("HW", "W"), ("W",): ("W",)}.get(names)
+        if gnames:  # (H alone is not an argument of the global kernel)
+            entries.append(_const_ones(_global_entry("bf16", 3, 64), gnames, tag))
     return entries
+
+
+def _const_ones(entry, names, tag):
+    e = dict(entry, signature={k: v for k, v in entry["signature"].items() if k not in names},
+             constexprs={**entry["constexprs"], **{n: 1 for n in names}},
+             attrs={k: v for k, v in entry["attrs"].items() if k not in names})
+    e["name"] = entry["name"][:-1] + f" {tag}]"
+    e["archs"] = (90,)
+    return e
 
 
 REPORT_KERNELS = _build_report_kernels()
