@@ -11,6 +11,10 @@
 # wheels are made: PY (default: a CPython 3.12 from pyenv) picks the CPython, FOCALNET_CUDA_ARCHS
 # (default 80;90, PTX of 90 embedded) the GPUs.
 #
+# REV=<git revision> builds from a clean checkout of that revision (a temporary git worktree) instead
+# of the working tree, e.g. REV=HEAD while uncommitted work is in progress; the stamp is then that
+# checkout's, and gpu_suite.sh needs FOCALNET_WHEEL_ANY=1 to install it into a tree that differs.
+#
 # Checks before it says "ok": the wheel holds _C for that CPython, _C imports (without torch) and
 # reports the cpu and cuda backends and the archs, and cuobjdump finds sm_90 code in it.
 set -euo pipefail
@@ -27,6 +31,13 @@ if [ -z "$PY" ]; then
 fi
 [ -n "$PY" ] && [ -x "$PY" ] || { echo "gpu_prepare: no CPython 3.12 found (set PY=/path/to/python3.12)"; exit 2; }
 command -v nvcc >/dev/null || { echo "gpu_prepare: nvcc is not on PATH: the wheel would have no CUDA backend"; exit 2; }
+SRC=$ROOT
+if [ -n "${REV:-}" ]; then
+  SRC=$(mktemp -d)/src
+  git -C "$ROOT" worktree add --detach "$SRC" "$REV" >/dev/null
+  trap 'git -C "$ROOT" worktree remove --force "$SRC" >/dev/null 2>&1 || true' EXIT
+  echo "gpu_prepare: building $(git -C "$SRC" rev-parse --short HEAD) ($REV) from a clean checkout in $SRC"
+fi
 pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
 echo "gpu_prepare: CPython $("$PY" -V 2>&1) at $PY, nvcc $(nvcc --version | tail -n 1), archs $FOCALNET_CUDA_ARCHS"
 
@@ -43,11 +54,16 @@ mkdir -p "$WHEELHOUSE"
 rm -f "$WHEELHOUSE"/focalnet_kernels-*-cp"$pyver"-*.whl "$WHEELHOUSE"/focalnet_kernels-*-cp"$pyver"-*.whl.stamp
 start=$(date +%s)
 # --no-build-isolation: the venv above is the build environment (pyproject's requires are in it)
-"$venv/bin/python" -m pip wheel --no-deps --no-build-isolation -w "$WHEELHOUSE" "$ROOT"
+stamp=$("$PY" "$ROOT/benchmarks/source_stamp.py" "$SRC")
+"$venv/bin/python" -m pip wheel --no-deps --no-build-isolation -w "$WHEELHOUSE" "$SRC"
 echo "gpu_prepare: built in $(( $(date +%s) - start )) s"
 whl=$(ls -t "$WHEELHOUSE"/focalnet_kernels-*-cp"$pyver"-*.whl | head -n 1)
 # the stamp of the sources it was built from: gpu_suite.sh installs the wheel only if the tree matches
-"$PY" "$ROOT/benchmarks/source_stamp.py" "$ROOT" > "$whl.stamp"
+# (taken before the build; a source edited during the build makes the wheel unusable, not mislabelled)
+if [ "$("$PY" "$ROOT/benchmarks/source_stamp.py" "$SRC")" != "$stamp" ]; then
+  echo "gpu_prepare: the sources changed during the build: run it again"; exit 1
+fi
+echo "$stamp" > "$whl.stamp"
 
 # check what is inside: the extension for this CPython, importable, with the CUDA backend and archs
 chk=$(mktemp -d)

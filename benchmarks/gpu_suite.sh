@@ -7,7 +7,8 @@
 #
 # Tiers, in order of value; each gets what the budget leaves, and a tier out of time stops cleanly:
 #   0. install: the wheel from wheelhouse/ for this CPython when its stamp matches the tree
-#      (pip --no-deps --no-index), else a source build for this GPU's arch (BUILD_SECONDS);
+#      (pip --no-deps --no-index; FOCALNET_WHEEL_ANY=1 takes it anyway), else a source build for this
+#      GPU's arch (BUILD_SECONDS);
 #      build_info must show the CUDA backend for this GPU's arch.
 #   1. smoke tests: pytest -m "gpu and smoke" (tests/test_gpu_smoke.py; SMOKE_SECONDS, default 100)
 #   2. hardware counters: ncu over the focal_context kernels at FocalNet-T stage 1 (PROFILE_SECONDS,
@@ -105,8 +106,18 @@ pyver=$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")
 tree_stamp=$($PY "$ROOT/benchmarks/source_stamp.py" "$ROOT")
 whl=$(ls -t "$ROOT"/wheelhouse/focalnet_kernels-*-cp"$pyver"-*.whl 2>/dev/null | head -n 1)
 install_how=""
-if [ -n "$whl" ] && [ -f "$whl.stamp" ] && [ "$(cat "$whl.stamp")" = "$tree_stamp" ]; then
-  say "install: prepared wheel $(basename "$whl") (stamp matches the tree)"
+wheel_ok=0
+if [ -n "$whl" ] && [ -f "$whl.stamp" ]; then
+  if [ "$(cat "$whl.stamp")" = "$tree_stamp" ]; then
+    wheel_ok=1; say "install: prepared wheel $(basename "$whl") (stamp matches the tree)"
+  elif [ "${FOCALNET_WHEEL_ANY:-0}" = "1" ]; then
+    # e.g. a wheel built with REV=HEAD while this tree holds uncommitted work: the wheel's own Python
+    # and extension are what runs; only tests/ comes from this tree
+    wheel_ok=1; say "install: prepared wheel $(basename "$whl"): its stamp does NOT match this tree; installed anyway (FOCALNET_WHEEL_ANY=1)"
+    summ "wheel stamp $(cut -c1-12 "$whl.stamp") != tree stamp $(echo "$tree_stamp" | cut -c1-12): installed with FOCALNET_WHEEL_ANY=1"
+  fi
+fi
+if [ $wheel_ok -eq 1 ]; then
   $PY -m pip install -q --no-deps --no-index --force-reinstall "$whl" > "$WORK/install.log" 2>&1
   install_rc=$?
   install_how="wheel $(basename "$whl")"
