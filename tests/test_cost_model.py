@@ -179,3 +179,14 @@ def test_rows_have_the_keys():
     assert r["bound"].split()[0] in ("issue", "fp32", "mufu", "int", "l1", "l2", "hbm")
     assert r["auto"] in (True, False)
     assert len(r["candidates"]) >= 1
+
+
+def test_auto_comes_from_ops():
+    pytest.importorskip("torch")
+    assert cm.auto_backend((3, 5, 7), "bfloat16") in ("triton", "cuda")
+
+
+def test_cuda_rows_say_they_are_not_modelled():
+    rows = cm.predict_rows(stages=(4,), ksets=("SRF",), dtypes=("float32",), directions=("fwd",), backends=("cuda",))
+    assert len(rows) == 1 and rows[0]["predicted_ms"] is None and "not modelled" in rows[0]["error"]
+    assert ROW_KEYS <= set(rows[0]) and rows[0]["floor_ms"] > 0
