@@ -204,15 +204,39 @@ def test_timm_layout(kw):
         assert torch.equal(dst(x), src(x))
 
 
-def test_against_timm_if_installed():
-    timm = pytest.importorskip("timm")
-    tm = timm.create_model("focalnet_tiny_lrf", pretrained=False, num_classes=NCLS, embed_dim=16,
-                           depths=(1, 1, 2, 1)).eval()
-    ours = create_model("focalnet_tiny_lrf", num_classes=NCLS, embed_dim=16, depths=(1, 1, 2, 1)).eval()
-    load_checkpoint(ours, tm.state_dict())
+# Our registered variant -> the keyword arguments timm's own focalnet_<name> entry point gives its
+# FocalNet class (timm/models/focalnet.py), less embed_dim and depths. timm's entry points set
+# embed_dim and depths themselves (passing them again is a TypeError), so the test builds timm's
+# FocalNet class directly with a shrunken config. large_fl4 is left out: the official config (ours)
+# normalizes the modulator, timm's does not.
+TIMM_VARIANTS = {
+    "focalnet_tiny_lrf": dict(focal_levels=[3] * 4),
+    "focalnet_large_fl3": dict(focal_levels=[3] * 4, focal_windows=[5] * 4, use_post_norm=True,
+                               use_overlap_down=True, layerscale_value=1e-4),
+    "focalnet_huge_fl4": dict(focal_levels=[4] * 4, use_post_norm=True, use_post_norm_in_modulation=True,
+                              use_overlap_down=True, layerscale_value=1e-4),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM_VARIANTS))
+def test_against_timm_if_installed(name):
+    pytest.importorskip("timm")
+    from timm.models.focalnet import FocalNet as TimmFocalNet
+    torch.manual_seed(0)
+    tm = TimmFocalNet(num_classes=NCLS, embed_dim=16, depths=(1, 1, 2, 1), drop_path_rate=0.0,
+                      **TIMM_VARIANTS[name]).eval()
+    with torch.no_grad():  # every parameter away from its init (layer scales 1e-4, norms 1 / 0)
+        for p in tm.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    ours = create_model(name, num_classes=NCLS, embed_dim=16, depths=(1, 1, 2, 1)).eval()
+    res = load_checkpoint(ours, tm.state_dict())
+    assert res.layout == "timm"
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert rel(ours(x), tm(x)) < 1e-5
+        want = tm(x)
+        assert rel(ours(x), want) < 1e-5
+        # and not trivially: a model left at its own init disagrees
+        assert rel(create_model(name, num_classes=NCLS, embed_dim=16, depths=(1, 1, 2, 1)).eval()(x), want) > 1e-2
 
 
 def test_convert_official_is_identity_and_detects():

@@ -61,12 +61,33 @@ def test_fuse_refuses_unknown_module():
         fk.fuse(torch.nn.Sequential(torch.nn.Linear(3, 3)))
 
 
-def test_fuse_timm_if_available(backend):
-    timm = pytest.importorskip("timm", reason="timm does not import here; covered by the GPU suite")
-    model = timm.create_model("focalnet_tiny_srf", pretrained=False, num_classes=7, embed_dim=16,
-                              depths=(1, 1, 1, 1)).eval()
-    x = torch.randn(1, 3, 64, 64)
+# timm's focalnet_* entry points set embed_dim and depths themselves (passing them again is a
+# TypeError), so the test builds timm's FocalNet class directly with a small config.
+TIMM_VARIANTS = [dict(),   # focalnet_*_srf: 2 levels, window 3
+                 dict(focal_levels=[3] * 4, use_post_norm=True,
+                      use_post_norm_in_modulation=True, normalize_modulator=True, layerscale_value=0.3)]
+
+
+@pytest.mark.parametrize("name", kernel_backends())
+@pytest.mark.parametrize("variant", range(len(TIMM_VARIANTS)))
+def test_fuse_timm_if_available(name, variant, backend, forbid_eager_dwconv_later):
+    pytest.importorskip("timm", reason="timm does not import here; covered by the GPU suite")
+    from timm.models.focalnet import FocalNet as TimmFocalNet
+    backend(name)
+    torch.manual_seed(0)
+    model = TimmFocalNet(num_classes=7, embed_dim=16, depths=(1, 1, 1, 1), drop_path_rate=0.0,
+                         **TIMM_VARIANTS[variant]).eval()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(1, 3, 32, 40)
     with torch.no_grad():
         want = model(x)
-        got = fk.fuse(model)(x)
-    assert rel_err(got, want) < 1e-5
+        fk.fuse(model)
+        assert fk.is_fused(model)
+        assert keys.keys() == model.state_dict().keys()
+        assert all(torch.equal(keys[k], v) for k, v in model.state_dict().items())
+        with forbid_eager_dwconv_later():
+            got = model(x)
+        assert rel_err(got, want) < 1e-5
+        fk.unfuse(model)
+        assert not fk.is_fused(model)
+        assert rel_err(model(x), want) < 1e-6
