@@ -280,6 +280,8 @@ def main(argv=None):
     else:
         print(toolchain(archs))
         print(format_table(rows))
+        print(compile_count_summary())
+        print(scratch_summary())
         print("regs/stack/local/smem: cuobjdump -res-usage (smem adds Triton's dynamic shared "
               "memory); stack or local > 0 = spills.\nLDG128: 16-byte global loads / all global "
               "loads in the SASS (static count); LDG<128: the others by width; hot: 16B when >= 75% "
@@ -289,3 +291,203 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ----------------------------------------------------------------------------------------------
+# compile count: how many kernel variants Triton compiles for a set of calls
+# ----------------------------------------------------------------------------------------------
+# The calls of tests/test_triton_gpu.py (a copy: keep in step with that file) and of the op
+# benchmark (FocalNet-T stage shapes, B = 256, slice views of the f output as in op_bench).
+# (B, H, W, C, kernel sizes, dtype name, ctx layout, grad_out layout, backward)
+def _gpu_test_calls():
+    out = []
+    dts = ("float32", "float16", "bfloat16")
+    for dt in dts:
+        for L in (1, 2, 3, 4):
+            out.append((2, 13, 17, 64, [3 + 2 * i for i in range(L)], dt, "contig", "contig", True))
+    for H, W, C in ((56, 56, 96), (28, 28, 192), (14, 14, 384), (7, 7, 768), (7, 9, 20)):
+        out.append((2, H, W, C, [3, 5, 7], "bfloat16", "contig", "contig", True))
+    for lay, glay in (("slice", "chfirst"), ("chfirst", "slice"), ("offset1", "contig")):
+        for dt in dts:
+            out.append((2, 13, 17, 64, [3, 5, 7], dt, lay, glay, True))
+    for ks in ((9, 11, 13), (9, 11, 13, 15), (5, 7, 9)):
+        out.append((1, 30, 41, 64, list(ks), "bfloat16", "contig", "contig", True))
+    for dt in ("float32", "bfloat16"):
+        out.append((2, 13, 15, 12, [3, 5], dt, "contig", "contig", True))
+    out.append((2050, 64, 64, 256, [3], "float16", "contig", "contig", True))
+    for dt in dts:
+        out.append((4, 56, 56, 96, [3, 5, 7], dt, "slice", "contig", True))
+    for dt in ("bfloat16", "float16"):  # the fused model, forward only
+        for H, C in ((56, 96), (28, 192), (14, 384), (7, 768)):
+            out.append((4, H, H, C, [3, 5, 7], dt, "slice", "contig", False))
+    return out
+
+
+def _bench_calls():
+    return [(256, H, H, C, ks, dt, "slice", "contig", True)
+            for H, C in ((56, 96), (28, 192), (14, 384), (7, 768))
+            for dt in ("bfloat16", "float32") for ks in ([3, 5], [3, 5, 7])]
+
+
+def _meta_view(B, H, W, C, L, dtype, layout):
+    import torch
+    dt = getattr(torch, dtype)
+    if layout == "slice":
+        y = torch.empty(B, H, W, 2 * C + L + 1, dtype=dt, device="meta")
+        return y[..., C:2 * C], y[..., 2 * C:]
+    if layout == "chfirst":
+        return (torch.empty(B, C, H, W, dtype=dt, device="meta").permute(0, 2, 3, 1),
+                torch.empty(B, L + 1, H, W, dtype=dt, device="meta").permute(0, 2, 3, 1))
+    if layout == "offset1":
+        y = torch.empty(B, H, W, C + L + 2, dtype=dt, device="meta")
+        return y[..., 1:1 + C], y[..., 1 + C:]
+    return (torch.empty(B, H, W, C, dtype=dt, device="meta"),
+            torch.empty(B, H, W, L + 1, dtype=dt, device="meta"))
+
+
+_TRITON_DT = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
+              "torch.int32": "i32"}
+
+
+def _arg_key(v, dns):
+    """Triton's specialisation of one runtime argument (runtime/jit.py, native_specialize_impl):
+    tensors by dtype and 16-byte alignment, ints by width and (unless do_not_specialize) == 1 or
+    divisible by 16, floats not at all."""
+    import torch
+    if isinstance(v, torch.Tensor):
+        return ("*" + _TRITON_DT.get(str(v.dtype), str(v.dtype)),
+                (v.storage_offset() * v.element_size()) % 16 == 0)
+    if isinstance(v, bool):
+        return ("u1",)
+    if isinstance(v, int):
+        ty = "i32" if -2**31 <= v < 2**31 else "i64"
+        if dns:
+            return (ty,)
+        return (ty, "1" if v == 1 else "D" if v % 16 == 0 else "")
+    return ("fp32",)
+
+
+def _variants_of(kernel, args, kwargs, pinned=False):
+    """(compile keys, autotune key or None) of one launch; pinned: autotuned kernels run their
+    first config only (FOCALNET_TRITON_AUTOTUNE=0 or deterministic mode)."""
+    from focalnet_kernels.triton import focal_context_bwd as bwd
+    from focalnet_kernels.triton import focal_context_fwd as fwd
+    tuner = heur = None
+    fn = kernel
+    while type(fn).__name__ in ("Autotuner", "Heuristics"):
+        if type(fn).__name__ == "Autotuner":
+            tuner = fn
+        else:
+            heur = fn
+        fn = fn.fn
+    nargs = dict(zip(fn.arg_names, args))
+    nargs.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    opts = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+    if tuner is None:
+        cfgs = [({}, opts.get("num_warps", 4), opts.get("num_stages", 3))]
+        tkey = None
+    else:
+        import triton
+        if fn is bwd._raw(fwd._fwd_local):
+            configs = fwd._prune(fwd._GPU_CONFIGS, nargs)
+        else:
+            configs = [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_C": bc}, num_warps=nw,
+                                     num_stages=bwd._NUM_STAGES)
+                       for th, tw, bc, nw in bwd._GPU_TILE_CONFIGS]
+            if fn is bwd._raw(bwd._bwd_step_kernel):
+                configs = bwd._prune_step(configs, nargs)
+        cfgs = [(c.kwargs, c.num_warps, c.num_stages) for c in configs]
+        if pinned:
+            cfgs = cfgs[:1]
+        tkey = (fn.__name__,) + tuple(nargs[k] for k in tuner.keys if k in nargs) + tuple(
+            str(v.dtype) for v in nargs.values() if hasattr(v, "dtype"))
+    keys = set()
+    for ckw, nw, ns in cfgs:
+        cx = {**{k: v for k, v in nargs.items() if k in fn.arg_names
+                 and fn.params[fn.arg_names.index(k)].is_constexpr}, **ckw}
+        if heur is not None:
+            full = {**nargs, **ckw}
+            for name, f in heur.values.items():
+                cx[name] = f(full)
+                full[name] = cx[name]
+        spec = tuple(_arg_key(nargs[p.name], p.do_not_specialize) for p in fn.params
+                     if not p.is_constexpr and p.name in nargs)
+        keys.add((fn.__name__, spec, tuple(sorted((k, str(v)) for k, v in cx.items())), nw, ns))
+    return keys, tkey
+
+
+def compile_count(calls, pinned=False):
+    """{"variants": distinct compiled kernels, "autotune_keys": distinct autotune runs, per kernel}
+    for the calls, by recording the launchers' launches on meta tensors (nothing runs).  Under
+    TRITON_INTERPRET the kernels are not JITFunctions: counted in a subprocess without it."""
+    if _interpret_env():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        code = ("import json, sys; from focalnet_kernels import report; "
+                "r = report.compile_count(json.loads(sys.argv[1]), sys.argv[2] == '1'); "
+                "r.pop('keys'); print(json.dumps(r))")
+        p = subprocess.run([sys.executable, "-c", code, json.dumps(calls), "1" if pinned else "0"],
+                           capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"compile count subprocess failed:\n{p.stderr[-4000:]}")
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    return _compile_count_here(calls, pinned)
+
+
+def _compile_count_here(calls, pinned):
+    import torch
+    from focalnet_kernels.triton import focal_context_bwd as bwd
+    from focalnet_kernels.triton import focal_context_fwd as fwd
+    keys, tkeys = set(), set()
+
+    def hook(kernel, grid, args, kwargs):
+        k, t = _variants_of(kernel, args, kwargs, pinned)
+        keys.update(k)
+        if t is not None:
+            tkeys.add(t)
+    saved = fwd._LAUNCH_HOOK
+    fwd._LAUNCH_HOOK = hook
+    try:
+        for B, H, W, C, ks, dt, lay, glay, backward in calls:
+            ctx, gates = _meta_view(B, H, W, C, len(ks), dt, lay)
+            weights = [torch.empty(C, k, k, device="meta") for k in ks]
+            fwd.focal_context_fwd_triton(ctx, gates, weights, False)
+            if backward:
+                gout = (_meta_view(B, H, W, C, 0, dt, "chfirst")[0] if glay == "chfirst" else
+                        torch.empty(B, H, W, 2 * C, dtype=ctx.dtype, device="meta")[..., C:]
+                        if glay == "slice" else torch.empty_like(ctx, memory_format=torch.contiguous_format))
+                bwd.focal_context_bwd_triton(gout, ctx, gates, weights,
+                                             torch.empty(B, C, device="meta"), False)
+    finally:
+        fwd._LAUNCH_HOOK = saved
+    per = {}
+    for k in keys:
+        per[k[0]] = per.get(k[0], 0) + 1
+    return {"variants": len(keys), "autotune_keys": len(tkeys), "per_kernel": per, "keys": keys}
+
+
+def compile_count_summary():
+    tests, bench = _gpu_test_calls(), _bench_calls()
+    t, b, both = compile_count(tests), compile_count(bench), compile_count(tests + bench)
+    lines = [f"compiled Triton variants (from the specialisation keys; target <= 60): "
+             f"GPU tests {t['variants']} ({t['autotune_keys']} autotune runs), "
+             f"benchmark {b['variants']} ({b['autotune_keys']} autotune runs), "
+             f"both {both['variants']}",
+             "  with FOCALNET_TRITON_AUTOTUNE=0 (first config only): GPU tests "
+             f"{compile_count(tests, True)['variants']}, benchmark {compile_count(bench, True)['variants']}",
+             "  per kernel (both): " + ", ".join(f"{k} {v}" for k, v in sorted(both["per_kernel"].items()))]
+    return "\n".join(lines)
+
+
+def scratch_summary():
+    from focalnet_kernels.triton import focal_context_fwd as fwd
+    lines = ["forward scratch per call (H100: 132 SMs x 4 programs, budget "
+             f"{fwd.SCRATCH_BUDGET_BYTES >> 20} MB per config):"]
+    for B, H, W, C, ks in ((256, 56, 56, 96, [3, 5, 7]), (256, 56, 56, 96, [3, 5, 7, 9]),
+                           (16, 200, 304, 256, [9, 11, 13, 15])):
+        for dt in (2, 4):
+            plan = fwd.scratch_plan(B, H, W, C, ks, elem_size=dt)
+            lines.append(f"  B={B} {H}x{W}x{C} k={','.join(map(str, ks))} {'bf16' if dt == 2 else 'fp32'}: "
+                         + "; ".join(f"{lab}: {n} programs, {nb / 2**20:.1f} MB" for lab, n, nb in plan))
+    return "\n".join(lines)

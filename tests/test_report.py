@@ -109,3 +109,35 @@ def test_every_shipped_backward_config_compiles_without_spills():
     shipped = {f"{th}x{tw} c{bc} w{nw}" for th, tw, bc, nw in bwd._GPU_TILE_CONFIGS}
     compiled = {" ".join(r["config"].split()[:3]) for r in got}
     assert shipped <= compiled, shipped - compiled
+
+
+def test_one_pixel_maps_compile_for_sm90():
+    """H = W = 1 (and H = 1, W = 1) as Triton specialised them before the shape arguments were
+    unspecialised (an argument equal to 1 became a constant): `HW.to(tl.float32)` in the forward's
+    global kernel did not compile then."""
+    from focalnet_kernels import report
+    entries = [e for m in (FWD, BWD) for e in importlib.import_module(m).REPORT_KERNELS
+               if "=1]" in e["name"] and ("fwd_global" in e["name"] or "H=W=1" in e["name"])]
+    assert any("fwd_global" in e["name"] and "H=W=1" in e["name"] for e in entries)
+    rows = report.collect(archs=(90,), select=[report.entry_key(e) for e in entries],
+                          modules=[FWD, BWD], jobs=2)
+    got = [r for r in rows if r.get("ok") is not None]
+    assert len(got) == len(entries)
+    bad = [r for r in got if not r["ok"]]
+    assert not bad, (bad[0]["kernel"], bad[0].get("error"))
+
+
+def test_compile_count_of_the_benchmark():
+    """The report counts the variants a set of calls compiles; shapes and batch sizes no longer
+    multiply them (B = 256 and B = 2 of the same stage compile the same kernels)."""
+    from focalnet_kernels import report
+    bench = report._bench_calls()
+    n = report.compile_count(bench)["variants"]
+    small = [(2,) + c[1:] for c in bench]
+    assert report.compile_count(small)["variants"] == n
+    # the forward kernels do not depend on the image size either (the backward step kernel keeps
+    # its stride specialisation, so its count may change with W * C)
+    other = [(c[0], c[1] + 3, c[2] + 5) + c[3:] for c in bench]
+    fwd_n = {k: v for k, v in report.compile_count(bench)["per_kernel"].items() if "fwd" in k}
+    assert {k: v for k, v in report.compile_count(other)["per_kernel"].items() if "fwd" in k} == fwd_n
+    assert report.compile_count(bench, pinned=True)["variants"] <= 60
