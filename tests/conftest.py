@@ -13,6 +13,45 @@ def _cuda_available() -> bool:
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _patch_old_triton_interpreter() -> None:
+    """Workaround for Triton < 3.8's interpreter with numpy >= 2.4 (the GPU machine's Triton 3.6 when
+    its kernels run interpreted, e.g. the CI leg with Triton 3.6).
+
+    While a kernel runs, the interpreter gives tl.tensor an ``__index__`` of
+    ``int(self.handle.data)`` (triton/runtime/interpreter.py, _patch_lang_tensor). A scalar such as
+    ``tl.program_id(0)`` is held as a 1-element 1-D numpy array, and numpy 2.4 removed int() of arrays
+    with ndim > 0, so ``range(pid, total, nprog)`` in a kernel raises "TypeError: only 0-dimensional
+    arrays can be converted to Python scalars". Triton 3.8 changed that line to
+    ``int(self.handle.data.squeeze())``; this wraps _patch_lang_tensor to install the same ``__index__``
+    after the original (it is registered in the same restore scope, so it is undone with the rest when
+    the kernel returns). Nothing is changed for Triton >= 3.8, for compiled kernels, or when the
+    interpreter's layout is not the one this was written against (then the tests show the error)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import re
+        import triton
+        from triton.runtime import interpreter
+    except Exception:
+        return
+    m = re.match(r"(\d+)\.(\d+)", getattr(triton, "__version__", ""))
+    if not m or (int(m.group(1)), int(m.group(2))) >= (3, 8):
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "_focalnet_squeeze_index", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    _patch_lang_tensor._focalnet_squeeze_index = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+_patch_old_triton_interpreter()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
