@@ -19,6 +19,10 @@ configuration's prediction is the sum over its launches.  The floor beside it is
 taps x elements at the fp32 FMA rate, and the minimal HBM bytes (read ctx and gates, write out;
 backward: + grad_out in, grad_ctx and grad_gates out) at the HBM rate, whichever is larger.
 
+The CUDA backend's forward is modelled the same way from an ``nvcc -cubin -lineinfo`` build of
+csrc/cuda with a Python port of its planner; its backward is not modelled yet (rows with
+``predicted_ms: None`` and an ``error``).
+
 Entry points: ``predict(backend, direction, shape, kernel_sizes, dtype) -> dict``,
 ``predict_rows(...) -> list[dict]`` and ``main(argv)``.
 """
@@ -987,9 +991,353 @@ def predict(backend, direction, shape, kernel_sizes, dtype, arch=90) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------------------------
+# CUDA backend (forward): the planner of csrc/cuda/focal_context_cuda.cu (commit e6f114f) in
+# Python, the cubin compiled with `nvcc -cubin -lineinfo -arch sm_90` (not the extension build:
+# its cubins carry no line info), SASS loops mapped to the C++ `for` statements by line info.
+# ----------------------------------------------------------------------------------------------
+_CB, _NT, _NWARP, _GPW, _NGRP, _KMAX_ALL = 8, 256, 8, 4, 32, 15
+_SMEM_BUDGET = 96 * 1024
+_TILE_SIDES = (1, 2, 4, 7, 8, 12, 14, 16, 24, 28, 32)
+_COST_PER_TILE, _COST_STAGE_BYTE, _COST_GENERIC, _COST_BOUNDARY_FWD = 2000.0, 2.0, 1.3, 176.0
+_FUSED_SPECS = ((1, (3,)), (1, (5,)), (1, (7,)), (1, (9,)), (1, (11,)), (1, (13,)), (1, (15,)), (2, (3, 5)),
+                (2, (5, 7)), (2, (9, 11)), (3, (3, 5, 7)), (3, (5, 7, 9)), (4, (3, 5, 7, 9)))
+
+
+def _vblock(k):
+    return 4 if k <= 3 else 8
+
+
+def _fused_geom(ks, H, W, th, tw):
+    """fused_geom() of the planner: the segment's tile geometry and shared memory (forward)."""
+    nl = len(ks)
+    kfix = (nl, tuple(ks)) in _FUSED_SPECS
+    TH, TW = min(th, H), min(tw, W)
+    R = [0] * (nl + 1)
+    for j in range(nl - 1, -1, -1):
+        R[j] = R[j + 1] + ks[j] // 2
+    sizeA = sizeB = 0
+    for j in range(nl):
+        V = _vblock(ks[j] if kfix else _KMAX_ALL)
+        rows, cols, ocols = TH + 2 * R[j], TW + 2 * R[j], TW + 2 * R[j + 1]
+        nchunk = _cdiv(ocols, V)
+        pitch = max(cols, nchunk * V + ks[j] - 1) | 1
+        sz = rows * pitch * _CB
+        if j & 1:
+            sizeB = max(sizeB, sz)
+        else:
+            sizeA = max(sizeA, sz)
+    accP = TW | 1
+    off = sizeA + sizeB + sum(k * k * _CB for k in ks)
+    off += -(-(nl * TH * accP) // 4) * 4 + TH * accP * _CB + _NT
+    g = {"TH": TH, "TW": TW, "R": R, "smem": off * 4, "ntiles": _cdiv(H, TH) * _cdiv(W, TW), "kfix": kfix,
+         "ks": list(ks)}
+    return g if g["smem"] <= _SMEM_BUDGET else None
+
+
+def _fused_cost(g, H, W):
+    per_tile = _COST_PER_TILE
+    for j, k in enumerate(g["ks"]):
+        V = _vblock(k if g["kfix"] else _KMAX_ALL)
+        orows, ocols = g["TH"] + 2 * g["R"][j + 1], g["TW"] + 2 * g["R"][j + 1]
+        per_tile += k * k * (-(-orows // _GPW) * _GPW) * (-(-ocols // V) * V) * (1.0 if g["kfix"] else _COST_GENERIC)
+    per_tile += _COST_STAGE_BYTE * 4.0 * (g["TH"] + 2 * g["R"][0]) * (g["TW"] + 2 * g["R"][0])
+    return per_tile * g["ntiles"] / (H * W)
+
+
+def cuda_plan_fwd(shape, ks):
+    """make_segments() + plan_segment_tile() of the planner: [(segment geometry, cost)], the
+    partition of the levels with the lowest modelled cost (first found on ties, as in C++)."""
+    B, H, W, C = shape
+    n = len(ks)
+    best, best_cost = None, 0.0
+    for mask in range(1 << (n - 1)):
+        segs, cost, l = [], 0.0, 0
+        while l < n:
+            m = 1
+            while l + m < n and not ((mask >> (l + m - 1)) & 1):
+                m += 1
+            seg_ks = ks[l:l + m]
+            tb, tc = None, 0.0
+            for th in _TILE_SIDES:
+                for tw in _TILE_SIDES:
+                    g = _fused_geom(seg_ks, H, W, th, tw)
+                    if g is None or B * g["ntiles"] * _cdiv(C, _CB) > 2 ** 31 - 1:
+                        continue
+                    c = _fused_cost(g, H, W)
+                    if tb is None or c < tc:
+                        tb, tc = g, c
+            if tb is None:
+                break
+            tb["l0"] = l
+            segs.append(tb)
+            cost += tc
+            l += m
+        else:
+            cost += (len(segs) - 1) * _COST_BOUNDARY_FWD
+            if best is None or cost < best_cost:
+                best, best_cost = segs, cost
+    return best
+
+
+def _cpp_fors(text, unrolled=False):
+    """[(header line, end line, header text)] of every C++ `for` statement of a source text
+    (without those under `#pragma unroll`, which are no SASS loops, unless `unrolled`)."""
+    out = []
+    lines = text.splitlines()
+    for m in re.finditer(r"\bfor\s*\(", text):
+        ln = text.count("\n", 0, m.start())
+        prev = next((lines[i].strip() for i in range(ln - 1, -1, -1) if lines[i].strip()), "")
+        if prev.startswith("#pragma unroll") and not unrolled:
+            continue
+        i, depth = m.end() - 1, 0
+        while i < len(text):
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            if depth == 0:
+                break
+            i += 1
+        header = re.sub(r"\s+", " ", text[m.start():i + 1])
+        j = i + 1
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if j < len(text) and text[j] == "{":
+            d = 0
+            while j < len(text):
+                d += {"{": 1, "}": -1}.get(text[j], 0)
+                if d == 0:
+                    break
+                j += 1
+        else:
+            j = text.find(";", j)
+        out.append((text.count("\n", 0, m.start()) + 1, text.count("\n", 0, j) + 1, header))
+    return out
+
+
+# per-thread trip counts of the CUDA kernels' loops by their header (fractional: averages over
+# the threads / warps of a block, so that x warps gives the block's warp-iterations)
+_CUDA_TRIPS = [
+    (r"int j = 0; j < nl; \+\+j", lambda ns: ns["nl"]),
+    (r"idx < kk \* CB; idx \+= NT", lambda ns: ns["kk_mean"] * _CB / _NT),
+    (r"idx < nl \* tpos; idx \+= NT", lambda ns: ns["nl"] * ns["tpos"] / _NT),
+    (r"pos < tpos; pos \+= NT", lambda ns: ns["tpos"] / _NT),
+    (r"idx = threadIdx.x; idx < n; idx \+= NT", lambda ns: ns["stage_n"] / _NT),
+    (r"it = warp; it < nitems; it \+= NWARP", lambda ns: ns["nitems"].pop(0) / _NWARP),
+    (r"g < NGRP", lambda ns: _NGRP),
+    (r"t = 0; t < ntiles", lambda ns: ns["ntiles"]),
+    (r"idx < n; idx \+= \(int64_t\)gridDim.x \* NT", lambda ns: ns["grid_trips"]),
+]
+
+
+def _cuda_compile_dir():
+    return os.environ.get("FOCALNET_CUDA_CUBIN_DIR") or os.path.join(_cache_dir(), "cuda")
+
+
+def cuda_cubin(root=None):
+    """(SASS text with line info, -res-usage text, {file: source text}) of the CUDA backend for
+    sm_90, compiled once into the cache with `nvcc -cubin -lineinfo` (minutes on 2 cores)."""
+    root = root or os.environ.get("FOCALNET_CUDA_SRC") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    srcs = {}
+    for n in ("focal_context_cuda.cu", "fc_kernels.cuh", "fc_device.cuh"):
+        with open(os.path.join(root, "csrc", "cuda", n)) as f:
+            srcs[n] = f.read()
+    key = hashlib.sha1("".join(srcs[k] for k in sorted(srcs)).encode()).hexdigest()[:20]
+    d = _cuda_compile_dir()
+    os.makedirs(d, exist_ok=True)
+    path = os.path.join(d, key + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    import shutil
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise NotImplementedError("CUDA backend: nvcc not found (the model compiles the CUDA kernels with "
+                                  "-lineinfo to map their loops)")
+    with tempfile.TemporaryDirectory() as t:
+        shutil.copytree(os.path.join(root, "csrc"), os.path.join(t, "csrc"))
+        cub = os.path.join(t, "fc.cubin")
+        subprocess.run([nvcc, "-O3", "-std", "c++17", "-arch", "sm_90", "-cubin", "-lineinfo", "-Icsrc",
+                        "-DFOCALNET_WITH_CUDA", "-o", cub, "csrc/cuda/focal_context_cuda.cu"], cwd=t, check=True,
+                       capture_output=True)
+        sass = subprocess.run([_tool("nvdisasm"), "-g", cub], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([_tool("cuobjdump"), "-res-usage", cub], capture_output=True, text=True,
+                             check=True).stdout
+    out = {"sass": sass, "res": res, "source": srcs}
+    with open(path + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.replace(path + ".tmp", path)
+    return out
+
+
+def _cuda_fn_name(sass, *parts):
+    for ln in sass.splitlines():
+        s = ln.strip()
+        if s.startswith(".text.") and s.endswith(":") and all(p in s for p in parts):
+            return s[len(".text."):-1]
+    raise KeyError(parts)
+
+
+def _cuda_analyze(cub, name, ns, prefer_width=None):
+    """Counts per block of one CUDA kernel: SASS loops -> innermost enclosing C++ `for` (line
+    info, the same enclosure rule as for Triton) -> trips from _CUDA_TRIPS.  Sibling loops of one
+    header that is not the level loop are run-time alternatives (template instances, unswitched
+    vector/scalar paths): only the one whose global loads have `prefer_width` bytes counts."""
+    instrs = parse_sass(cub["sass"], name)
+    loops = find_loops(instrs)
+    fors = {}
+    for fname, text in cub["source"].items():
+        for hl, el, hdr in _cpp_fors(text):
+            fors[(fname, hl)] = (el, hdr)
+
+    def fkey(x):
+        return os.path.basename(x.file) if x.file else None
+
+    def encloses(o, i):
+        return o[0] != i[0] or (o[1] < i[1] <= fors[o][0])
+
+    def depth(i):
+        d = 0
+        while loops[i].parent is not None:
+            i, d = loops[i].parent, d + 1
+        return d
+
+    for idx in sorted(range(len(loops)), key=lambda i: -depth(i)):
+        lp = loops[idx]
+        kids = [loops[c].source for c in lp.children if loops[c].source]
+        votes = collections.Counter()
+        for x in _own(instrs, loops, idx):
+            f = fkey(x)
+            if f is None or not x.line:
+                continue
+            inner = [k for k in fors if k[0] == f and k[1] <= x.line <= fors[k][0]
+                     and all(encloses(k, c) for c in kids)]
+            if inner:
+                votes[max(inner, key=lambda k: k[1])] += 1
+        lp.source = votes.most_common(1)[0][0] if votes else None
+    ns = dict(ns, nitems=list(ns.get("nitems", [])))
+    groups = collections.defaultdict(list)
+    for i in sorted(range(len(loops)), key=lambda i: loops[i].start):
+        if loops[i].source:
+            groups[(loops[i].parent, loops[i].source)].append(i)
+    for i in sorted(range(len(loops)), key=lambda i: loops[i].start):
+        lp = loops[i]
+        if lp.source is None:
+            lp.trips, lp.how = 1.0, "no source loop (1 trip assumed)"
+            continue
+        hdr = fors[lp.source][1]
+        lp.trips, lp.how = 1.0, f"{lp.source[0]}:{lp.source[1]} {hdr}: UNKNOWN trip count (1 assumed)"
+        for pat, fn in _CUDA_TRIPS:
+            if re.search(pat, hdr):
+                lp.trips = float(fn(ns))
+                lp.how = f"{lp.source[0]}:{lp.source[1]} {hdr} = {lp.trips:.3g}"
+                break
+    for (par, key), idxs in groups.items():
+        if len(idxs) < 2 or "it = warp" in fors[key][1]:
+            continue
+        def score(i):
+            w = collections.Counter(x.width for x in instrs
+                                    if loops[i].start <= x.addr <= loops[i].end and x.cls == "ldg")
+            return w.get(prefer_width, 0)
+        keep = max(idxs, key=score)
+        for i in idxs:
+            if i != keep:
+                loops[i].trips = 0.0
+                loops[i].how += " (alternative not taken)"
+    c = count(instrs, loops)
+    c["loops"] = [{"start": hex(lp.start), "end": hex(lp.end), "depth": _depth(loops, i), "trips": lp.trips,
+                   "how": lp.how} for i, lp in enumerate(loops)]
+    return c
+
+
+def _cuda_launch_time(cub, name, warps, smem, blocks, ns, hbm, prefer_width=None, hw=H100):
+    c = _cuda_analyze(cub, name, ns, prefer_width)
+    regs = report_regs(cub["res"], name)
+    per_sm = occupancy(regs, smem, warps, hw)
+    sms = hw["sms"]
+    blk_sm = math.ceil(blocks / sms)
+    it = c["item"]
+    clk = hw["clock_ghz"] * 1e9
+
+    def sm_(k):
+        return blk_sm * warps * it.get(k, 0)
+    l1b = blk_sm * warps * sum(c["item_bytes"].values())
+    l2b = blk_sm * warps * sum(c["item_l2"].values())
+    lsu = sum(sm_(k) for k in ("ldg", "stg", "lds", "sts", "ldl_stl", "atom")) * 32
+    terms = {
+        "issue": sm_("total") / hw["issue_warp_instr_per_clk"] / clk,
+        "fp32": sum(sm_(k) for k in ("ffma", "fmul", "fadd")) * 32 / hw["fp32_per_clk"] / clk,
+        "mufu": sm_("mufu") * 32 / hw["mufu_per_clk"] / clk,
+        "int": sm_("int") * 32 / hw["int_per_clk"] / clk,
+        "l1": max(lsu / hw["lsu_per_clk"], l1b / hw["l1_bytes_per_clk"]) / clk,
+        "l2": l2b * sms / (hw["l2_tb_s"] * 1e12),
+        "hbm": hbm / (hw["hbm_tb_s"] * 1e12),
+    }
+    bound = max(terms, key=terms.get)
+    by_class = {k: v * blocks * warps for k, v in it.items()}
+    short = re.sub(r"^_ZN8focalnet3fcc\d+", "", name)[:60]
+    return {"kernel": short, "config": ns.get("config", ""), "ms": terms[bound] * 1e3, "bound": bound,
+            "terms_ms": {k: v * 1e3 for k, v in terms.items()}, "regs": regs, "smem": smem, "spill": 0,
+            "warps": warps, "blocks_per_sm": per_sm, "occupancy_warps": per_sm * warps, "programs": blocks,
+            "items": blocks, "warp_instr": by_class.get("total", 0), "ffma_warp_instr": by_class.get("ffma", 0),
+            "by_class": by_class, "hbm_bytes": hbm, "loops": c["loops"]}
+
+
+def report_regs(res, name):
+    from . import report
+    return report._parse_res(res, name).get("REG", 0)
+
+
 def _cuda_predict(direction, shape, ks, dtype):
-    raise NotImplementedError("CUDA backend not modelled yet (docs/cost-model.md, limits): its planner and "
-                              "kernels were being rewritten; the floor and auto are reported")
+    if direction != "fwd":
+        raise NotImplementedError("CUDA backend: the backward is not modelled yet, only the forward "
+                                  "(docs/cost-model.md, limits)")
+    B, H, W, C = shape
+    L = len(ks)
+    es = _ESIZE[dtype]
+    cub = cuda_cubin()
+    tname = {"float32": "If", "bfloat16": "I13__nv_bfloat16", "float16": "I6__half"}[dtype]
+    segs = cuda_plan_fwd(shape, list(ks))
+    cbl = _cdiv(C, _CB)
+    npix = B * H * W
+    # the model's ctx is a slice of the f output: pixel stride 2C+L+1; vec16 needs it to be a
+    # multiple of 8 (16-bit) or 4 (fp32) elements
+    vec = (2 * C + L + 1) % (16 // es) == 0
+    times = []
+    for g in segs:
+        seg_ks = g["ks"]
+        nl = len(seg_ks)
+        spec = (nl, tuple(seg_ks)) in _FUSED_SPECS
+        targs = "".join(f"Li{v}E" for v in ([nl] + seg_ks + [0] * (4 - nl))) if spec else "Li0ELi0ELi0ELi0ELi0E"
+        name = _cuda_fn_name(cub["sass"], "fc_fused_kernel" + tname + targs)
+        nitems = []
+        for j, k in enumerate(seg_ks):
+            V = _vblock(k if spec else _KMAX_ALL)
+            orows, ocols = g["TH"] + 2 * g["R"][j + 1], g["TW"] + 2 * g["R"][j + 1]
+            nitems.append(_cdiv(orows, _GPW) * _cdiv(ocols, V))
+        rows0, cols0 = g["TH"] + 2 * g["R"][0], g["TW"] + 2 * g["R"][0]
+        blocks = B * g["ntiles"] * cbl
+        ns = {"nl": nl, "kk_mean": sum(k * k for k in seg_ks) / nl, "tpos": g["TH"] * g["TW"],
+              "stage_n": rows0 * cols0, "nitems": nitems, "ntiles": g["ntiles"], "grid_trips": 1.0,
+              "config": f"{g['TH']}x{g['TW']} tile, segment k={','.join(map(str, seg_ks))}"}
+        src_es = es if g["l0"] == 0 else 4
+        hbm = npix * (C * src_es + _gate_bytes_per_pixel(L, es) + C * es) + B * g["ntiles"] * C * 4
+        width = 16 if (vec or g["l0"] > 0) else src_es
+        times.append(_cuda_launch_time(cub, name, _NWARP, g["smem"], blocks, ns, hbm, width))
+    nt = segs[-1]["ntiles"]
+    n = B * C
+    grid = min(_cdiv(n, _NT), 1 << 20)
+    times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_pool_finish_kernel"), _NWARP, 0, grid,
+                                   {"ntiles": nt, "grid_trips": n / (grid * _NT), "config": "grid_1d(B*C)"},
+                                   B * nt * C * 4 + 2 * B * C * 4))
+    n = npix * cbl
+    grid = min(_cdiv(n, _NT), 1 << 20)
+    out_vec = C % (16 // es) == 0
+    times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_fwd_epilogue_kernel" + tname), _NWARP, 0,
+                                   grid, {"grid_trips": n / (grid * _NT), "config": "grid_1d(B*H*W*C/8)"},
+                                   npix * (2 * C * es + _gate_bytes_per_pixel(L, es)),
+                                   16 if out_vec else es))
+    main_l = times[0]
+    config = "; ".join(t["config"] for t in times[:len(segs)])
+    return times, config, main_l, [], []
 
 
 def predict_rows(stages=(1, 2, 3, 4), ksets=("SRF", "LRF"), dtypes=DTYPES, directions=("fwd", "fwd+bwd"),

@@ -186,7 +186,24 @@ def test_auto_comes_from_ops():
     assert cm.auto_backend((3, 5, 7), "bfloat16") in ("triton", "cuda")
 
 
-def test_cuda_rows_say_they_are_not_modelled():
-    rows = cm.predict_rows(stages=(4,), ksets=("SRF",), dtypes=("float32",), directions=("fwd",), backends=("cuda",))
+def test_cuda_backward_rows_say_they_are_not_modelled():
+    # (the CUDA forward is modelled from an nvcc -lineinfo build, minutes: not compiled here)
+    rows = cm.predict_rows(stages=(4,), ksets=("SRF",), dtypes=("float32",), directions=("fwd+bwd",),
+                           backends=("cuda",))
     assert len(rows) == 1 and rows[0]["predicted_ms"] is None and "not modelled" in rows[0]["error"]
     assert ROW_KEYS <= set(rows[0]) and rows[0]["floor_ms"] > 0
+
+
+def test_cuda_planner_port_picks_one_segment_for_lrf():
+    # the planner's comment: SRF, LRF, fl3 run as one fused segment
+    for ks in ((3, 5), (3, 5, 7)):
+        segs = cm.cuda_plan_fwd((256, 56, 56, 96), list(ks))
+        assert len(segs) == 1 and segs[0]["ks"] == list(ks) and segs[0]["smem"] <= 96 * 1024
+
+
+def test_cpp_for_ranges():
+    text = ("void f() {\n  for (int i = 0; i < n; ++i) {\n    a += 1;\n  }\n  for (int j = 0; j < 8; ++j) b[j] = 0;\n"
+            "#pragma unroll\n  for (int v = 0; v < V; ++v) c[v] = 0;\n}\n")
+    assert cm._cpp_fors(text) == [(2, 4, "for (int i = 0; i < n; ++i)"), (5, 5, "for (int j = 0; j < 8; ++j)")]
+    # a `#pragma unroll` loop is no SASS loop: left out unless asked for
+    assert cm._cpp_fors(text, unrolled=True)[-1] == (7, 7, "for (int v = 0; v < V; ++v)")
