@@ -289,9 +289,6 @@ def main(argv=None):
     return 0 if all(r.get("ok") is not False for r in rows) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 # ----------------------------------------------------------------------------------------------
 # compile count: how many kernel variants Triton compiles for a set of calls
@@ -491,3 +488,7 @@ def scratch_summary():
             lines.append(f"  B={B} {H}x{W}x{C} k={','.join(map(str, ks))} {'bf16' if dt == 2 else 'fp32'}: "
                          + "; ".join(f"{lab}: {n} programs, {nb / 2**20:.1f} MB" for lab, n, nb in plan))
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -163,9 +163,11 @@ def _gate_interior(acc, src, g_ptrs, tvalid, ti, tj, cc,
 # Shapes, strides and the other integer arguments are not specialised (Triton would otherwise
 # compile a new variant whenever one of them equals 1 or is divisible by 16: per batch size, image
 # size and view).  What matters for speed is explicit: CTX_ALIGN (pixel/batch strides of ctx),
-# C_CONTIG (channel stride 1) and EVEN_C (C a multiple of BLOCK_C, which also makes every
-# C-strided base offset BLOCK_C-aligned, below).  Pointer alignment is still specialised.
-_LOCAL_NO_SPEC = ["B", "H", "W", "C", "s_b", "s_h", "s_w", "s_c", "g_b", "g_h", "g_w", "g_l",
+# C_CONTIG (channel stride 1) and EVEN_C (C a multiple of BLOCK_C).  Pointer alignment and C
+# are still specialised.
+# C keeps its specialisation (few values; an aligned copy (C // BLOCK_C) * BLOCK_C cost a register
+# and made bf16 k=3,5,7,9 at 8x8 c32 spill 16 B under Triton 3.9).
+_LOCAL_NO_SPEC = ["B", "H", "W", "s_b", "s_h", "s_w", "s_c", "g_b", "g_h", "g_w", "g_l",
                   "size_class"]
 
 
@@ -184,11 +186,6 @@ def _fwd_local_kernel(
     # dozens of loads and their weights, which measured 130-255 registers and spills with the
     # ptxas 13 of Triton 3.9, vs ~90-127 registers and no spills with runtime loops (ptxas still
     # unrolls them a few taps deep for ILP).
-    if EVEN_C:
-        # identity (C % BLOCK_C == 0), but it tells the compiler that C is a multiple of BLOCK_C:
-        # the weight, out and partial offsets (multiples of C) stay vector-aligned without
-        # specialising C itself
-        C = (C // BLOCK_C) * BLOCK_C
     TP: tl.constexpr = TILE_H * TILE_W
     # halos still needed after each level (unused levels have K = 0 -> p = 0)
     P1: tl.constexpr = K1 // 2
@@ -730,7 +727,8 @@ def _local_entry(dt, ks, th, tw, bc, warps, align=None, tag=""):
     sig["scale"] = "fp32"
     # shapes and strides are not specialised (_LOCAL_NO_SPEC): no attributes; CTX_ALIGN carries
     # the stride alignment
-    attrs = {n: _D16 for n in ("ctx_ptr", "g_ptr", "w_ptr", "out_ptr", "part_ptr", "scr_ptr", "kz")}
+    attrs = {n: _D16 for n in ("ctx_ptr", "g_ptr", "w_ptr", "out_ptr", "part_ptr", "scr_ptr", "kz",
+                               "C")}
     if align is None:
         align = 16 // (4 if dt == "fp32" else 2)
     return {
