@@ -1233,15 +1233,31 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
     for (par, key), idxs in groups.items():
         if len(idxs) < 2 or "it = warp" in fors[key][1]:
             continue
-        def score(i):
-            w = collections.Counter(x.width for x in instrs
-                                    if loops[i].start <= x.addr <= loops[i].end and x.cls == "ldg")
-            return w.get(prefer_width, 0)
-        keep = max(idxs, key=score)
-        for i in idxs:
-            if i != keep:
-                loops[i].trips = 0.0
-                loops[i].how += " (alternative not taken)"
+
+        def widths(i):
+            return collections.Counter(x.width for x in instrs
+                                       if loops[i].start <= x.addr <= loops[i].end and x.cls == "ldg")
+
+        def work(i):
+            return sum(1 for x in instrs if loops[i].start <= x.addr <= loops[i].end and x.cls in _WORK)
+
+        if len({frozenset(widths(i)) for i in idxs}) == 1:
+            # the same accesses: one loop unrolled by the compiler (xu main + remainder)
+            w1 = max(1, min(work(i) for i in idxs))
+            rem = loops[idxs[0]].trips
+            for i in sorted(idxs, key=work, reverse=True):
+                u = max(1, round(work(i) / w1))
+                t = float(math.floor(rem / u)) if u > 1 else rem
+                loops[i].trips = t
+                rem -= t * u
+                loops[i].how += f" (split: x{u})"
+        else:
+            # different access widths: run-time alternatives (template instances, vector/scalar)
+            keep = max(idxs, key=lambda i: widths(i).get(prefer_width, 0))
+            for i in idxs:
+                if i != keep:
+                    loops[i].trips = 0.0
+                    loops[i].how += " (alternative not taken)"
     c = count(instrs, loops)
     c["loops"] = [{"start": hex(lp.start), "end": hex(lp.end), "depth": _depth(loops, i), "trips": lp.trips,
                    "how": lp.how} for i, lp in enumerate(loops)]
