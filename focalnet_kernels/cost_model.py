@@ -659,10 +659,11 @@ def _depth(loops, i):
 # occupancy and the time of one launch
 # ----------------------------------------------------------------------------------------------
 def occupancy(regs: int, smem: int, warps: int, hw=H100) -> int:
-    """Resident blocks per SM (registers allocated per warp in units of 256; 1 KB of shared
+    """Resident blocks per SM (registers allocated per warp in units of 256 from 4 sub-partition
+    register files of regs_per_sm / 4 each, as focal_context_fwd.ctas_per_sm; 1 KB of shared
     memory reserved per block)."""
     per_warp = math.ceil(max(regs, 1) * 32 / hw["reg_alloc_unit"]) * hw["reg_alloc_unit"]
-    by_regs = hw["regs_per_sm"] // (per_warp * warps)
+    by_regs = (4 * ((hw["regs_per_sm"] // 4) // per_warp)) // warps
     by_smem = hw["smem_per_sm"] // (smem + hw["smem_reserved_per_block"])
     by_warps = hw["max_warps_per_sm"] // warps
     return max(0, min(by_regs, by_smem, by_warps, hw["max_blocks_per_sm"]))
