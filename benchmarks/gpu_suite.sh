@@ -168,13 +168,13 @@ info_rc=$?
 summ "install_rc=0 ($install_how); build_info_rc=$info_rc"
 [ $info_rc -eq 0 ] || say "build_info: the installed package lacks a backend (see above); going on with what is there"
 
-PYTEST=($PY -m pytest "$ROOT/tests" -q -p no:cacheprovider -p benchmarks.pytest_deadline --rootdir "$ROOT" -c "$ROOT/pyproject.toml")
+PYTEST=($PY -m pytest -q -p no:cacheprovider -p benchmarks.pytest_deadline --rootdir "$ROOT" -c "$ROOT/pyproject.toml")
 
 # ---- 1. smoke tests ------------------------------------------------------------------------------
 t_smoke=$(clamp $(( $(left) - 60 )) 20 "$SMOKE_SECONDS")
 say "smoke: pytest -m 'gpu and smoke' (at most ${t_smoke}s)"
 ( cd "$OUT" && FOCALNET_TEST_DEADLINE=$(( $(date +%s) + t_smoke - 10 )) timeout -k 10 "$t_smoke" \
-    "${PYTEST[@]}" -m "gpu and smoke" --junitxml="$WORK/junit-smoke.xml" ) > "$OUT/pytest-gpu.log" 2>&1
+    "${PYTEST[@]}" -m "gpu and smoke" --junitxml="$WORK/junit-smoke.xml" "$ROOT/tests" ) > "$OUT/pytest-gpu.log" 2>&1
 smoke_rc=$?
 tail -n 15 "$OUT/pytest-gpu.log"
 say "smoke: exit $smoke_rc"
@@ -216,11 +216,17 @@ fi
 
 # ---- 4. the other GPU tests ------------------------------------------------------------------------
 t_rest=$(( $(left) - 12 ))
+# the kernel tests first (they are what only a GPU can check), the harness's own GPU test last
+TEST_ORDER=("$ROOT/tests/test_triton_gpu.py" "$ROOT/tests/test_cuda_backend.py")
+for f in "$ROOT"/tests/test_*.py; do
+  case "$f" in */test_triton_gpu.py|*/test_cuda_backend.py|*/test_benchmarks.py) ;; *) TEST_ORDER+=("$f") ;; esac
+done
+TEST_ORDER+=("$ROOT/tests/test_benchmarks.py")
 test_rc=0
 if [ $t_rest -ge 20 ]; then
   say "tests: pytest -m 'gpu and not smoke' (until ${t_rest}s from now; later tests are skipped)"
   ( cd "$OUT" && FOCALNET_TEST_DEADLINE=$(( $(date +%s) + t_rest - 15 )) timeout -k 5 "$t_rest" \
-      "${PYTEST[@]}" -m "gpu and not smoke" --junitxml="$WORK/junit-rest.xml" ) >> "$OUT/pytest-gpu.log" 2>&1
+      "${PYTEST[@]}" -m "gpu and not smoke" --junitxml="$WORK/junit-rest.xml" "${TEST_ORDER[@]}" ) >> "$OUT/pytest-gpu.log" 2>&1
   test_rc=$?
   tail -n 25 "$OUT/pytest-gpu.log"
   say "tests: exit $test_rc"

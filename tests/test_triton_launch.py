@@ -99,3 +99,18 @@ def test_scratch_is_bounded_for_detection_windows():
                                                (64, 4, 8), (96, 4, 5)])
 def test_ctas_per_sm_from_registers(regs, warps, expect):
     assert fwd.ctas_per_sm(regs, warps) == expect
+
+
+def test_autotune_pruning_takes_constexprs_as_triton_36_passes_them():
+    """Triton 3.6's autotuner calls early_config_prune(configs, nargs, **kwargs) with only the
+    positional launch arguments in nargs and the constexprs (KOUT, KIN, TOP) in kwargs; 3.9 puts
+    both in nargs. The first GPU run (triton 3.6) failed every Triton backward with KeyError 'KOUT'."""
+    prune = bwd._bwd_step_kernel.early_config_prune
+    configs = list(bwd._bwd_step_kernel.configs)
+    dout = torch.empty(1, dtype=torch.bfloat16)
+    as_36 = prune(configs, {"dout_ptr": dout}, KOUT=5, KIN=7, TOP=False)
+    as_39 = prune(configs, {"dout_ptr": dout, "KOUT": 5, "KIN": 7, "TOP": False})
+    assert as_36 == as_39 and as_36
+    fwd_prune = fwd._fwd_local.early_config_prune
+    ctx = torch.empty(1, dtype=torch.bfloat16)
+    assert fwd_prune(list(fwd._fwd_local.configs), {"C": 96, "ctx_ptr": ctx}, L=3, K0=3)

@@ -297,7 +297,10 @@ def _dwconv_kernel(src_ptr, s_b, s_h, s_w, s_c, w_ptr, dst_ptr, B, H, W, C, size
 
 
 @triton.autotune(configs=_autotune_configs(), key=["size_class", "C", "KOUT", "KIN", "TOP"],
-                 prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: _prune_step(configs, nargs)})
+                 # Triton 3.6 passes the constexpr launch arguments (KOUT, KIN, TOP) in kw, not in
+                 # nargs (3.9 has both): merge them
+                 prune_configs_by={"early_config_prune":
+                                   lambda configs, nargs, **kw: _prune_step(configs, {**kw, **nargs})})
 @triton.heuristics({"EVEN_C": _even_c})
 @triton.jit(do_not_specialize=_NO_SPEC_STEP)
 def _bwd_step_kernel(x_ptr, sxb, sxh, sxw, sxc,          # x_l (ctx with its strides, or fp32 scratch)
