@@ -91,6 +91,28 @@ def _models_in(entries) -> List[Tuple[str, str]]:
     return sorted(seen.items(), key=key)
 
 
+FUSED_MODES = ("fused", "fused:triton", "fused:cuda")
+
+
+def _fused_modes(entries) -> List[str]:
+    """The fused modes that measured something, in a fixed order."""
+    return [m for m in FUSED_MODES if _ok(entries, mode=m)]
+
+
+def _mode_title(entries, mode: str) -> str:
+    """'fused (cuda)': the focal_context kernel that ran (from the entries' kernel field)."""
+    if mode.startswith("fused:"):
+        return f"fused ({mode.split(':', 1)[1]})"
+    kernels = {k.split(":")[0] for e in _ok(entries, mode=mode) for k in (e.get("backends_ran") or {})
+               if not k.startswith("linear:")}
+    return f"fused ({', '.join(sorted(kernels))})" if kernels else mode
+
+
+def _best(vals: Dict[str, Optional[float]], modes: List[str]) -> Optional[float]:
+    got = [vals[m] for m in modes if vals.get(m)]
+    return max(got) if got else None
+
+
 def render(res: Dict, source: str = "") -> str:
     env = res.get("env", {})
     inf = res.get("inference") or []
@@ -109,42 +131,49 @@ def render(res: Dict, source: str = "") -> str:
              f"source: `{source or 'results.json'}`.*", ""]
     if bmax is not None:
         has = {m for m in ("compile", "fused+compile") if any(e["mode"] == m for e in _ok(inf, dtype=head))}
-        cols = ["eager", "fused"] + [m for m in ("compile", "fused+compile") if m in has]
-        titles = {"eager": "eager", "fused": "fused", "compile": "torch.compile", "fused+compile": "fused + compile"}
+        fmodes = _fused_modes([e for e in inf if e["dtype"] == head]) or ["fused"]
+        cols = ["eager"] + fmodes + [m for m in ("compile", "fused+compile") if m in has]
+        titles = {"eager": "eager", "compile": "torch.compile", "fused+compile": "fused + compile"}
+        titles.update({m: _mode_title(inf, m) for m in fmodes})
         lines.append(f"| inference, img/s (batch {bmax}) | " + " | ".join(titles[c] for c in cols)
                      + " | fused / eager |")
         lines.append("|---|" + "---:|" * (len(cols) + 1))
         for model, label in _models_in([e for e in inf if e["dtype"] == head and e["batch"] == bmax]):
             vals = {c: _img_s(inf, model, c, head, bmax) for c in cols}
-            sp = (vals["fused"] / vals["eager"]) if vals.get("fused") and vals.get("eager") else None
+            best = _best(vals, fmodes)
+            sp = (best / vals["eager"]) if best and vals.get("eager") else None
             lines.append(f"| {label} | " + " | ".join(_num(vals[c]) for c in cols)
                          + f" | {_num(sp, '.2f') + '×' if sp else DASH} |")
         lines.append("")
         if len(batches) > 1:
-            lines.append("| eager → fused img/s by batch | " + " | ".join(f"batch {b}" for b in batches) + " |")
+            lines.append("| eager → best fused img/s by batch | " + " | ".join(f"batch {b}" for b in batches) + " |")
             lines.append("|---|" + "---:|" * len(batches))
             for model, label in _models_in([e for e in inf if e["dtype"] == head]):
                 cells = []
                 for b in batches:
-                    e_, f_ = _img_s(inf, model, "eager", head, b), _img_s(inf, model, "fused", head, b)
+                    e_ = _img_s(inf, model, "eager", head, b)
+                    f_ = _best({m: _img_s(inf, model, m, head, b) for m in fmodes}, fmodes)
                     cells.append(f"{_num(e_)} → {_num(f_)}" if f_ is not None else _num(e_))
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
     tr = res.get("training") or []
     if _ok(tr):
         tb = _ok(tr)[0]["batch"]
-        lines.append(f"| training step (fwd + bwd + AdamW, batch {tb}) | eager img/s | fused img/s | "
-                     "fused / eager | peak memory eager | peak memory fused |")
-        lines.append("|---|---:|---:|---:|---:|---:|")
+        tmodes = _fused_modes(tr) or ["fused"]
+        lines.append(f"| training step (fwd + bwd + AdamW, batch {tb}) | eager img/s | "
+                     + " | ".join(f"{_mode_title(tr, m)} img/s" for m in tmodes)
+                     + " | fused / eager | peak memory eager | peak memory fused |")
+        lines.append("|---|" + "---:|" * (len(tmodes) + 4))
         for model, label in _models_in(tr):
             e_ = _ok(tr, model=model, mode="eager")
-            f_ = _ok(tr, model=model, mode="fused")
             ei = e_[0]["median_img_s"] if e_ else None
-            fi = f_[0]["median_img_s"] if f_ else None
             em = e_[0].get("peak_mem_bytes") if e_ else None
-            fm = f_[0].get("peak_mem_bytes") if f_ else None
+            fvals = {m: (_ok(tr, model=model, mode=m) or [{}])[0] for m in tmodes}
+            fi = _best({m: v.get("median_img_s") for m, v in fvals.items()}, tmodes)
+            fm = next((v.get("peak_mem_bytes") for v in fvals.values() if fi and v.get("median_img_s") == fi), None)
             sp = fi / ei if fi and ei else None
-            lines.append(f"| {label} | {_num(ei)} | {_num(fi)} | {_num(sp, '.2f') + '×' if sp else DASH} | "
+            lines.append(f"| {label} | {_num(ei)} | " + " | ".join(_num(fvals[m].get("median_img_s")) for m in tmodes)
+                         + f" | {_num(sp, '.2f') + '×' if sp else DASH} | "
                          f"{_num(em / 2 ** 30 if em else None, '.2f')} GiB | "
                          f"{_num(fm / 2 ** 30 if fm else None, '.2f')} GiB |".replace(f"{DASH} GiB", DASH))
         lines.append("")

@@ -213,6 +213,25 @@ def test_readme_table_renders_and_writes(tmp_path, capsys):
     assert no_markers.read_text() == "nothing to replace\n"
 
 
+def test_readme_table_shows_every_fused_kernel_and_the_best(tmp_path, capsys):
+    """A run that measured the fused model per kernel (fused = the auto pick, fused:cuda forced): one
+    column each, titled by the kernel that ran, and the speed-up of the best; training likewise."""
+    res = _sample_results("2025-01-01T00:00:00+00:00")
+    for e in res["inference"] + res["training"]:
+        if e["mode"] == "fused":
+            e["backends_ran"] = {"triton:fwd": 12, "linear:torch": 60}
+    cuda_inf = dict(res["inference"][1], mode="fused:cuda", median_img_s=4650.0, backends_ran={"cuda:fwd": 12})
+    cuda_tr = dict(res["training"][1], mode="fused:cuda", median_img_s=1350.0, peak_mem_bytes=5 * 2 ** 30)
+    res["inference"].append(cuda_inf)
+    res["training"].append(cuda_tr)
+    _write_run(tmp_path / "results", "20250101-000000-nvidia-h100-80gb-hbm3", res)
+    assert readme_table.main(["--results", str(tmp_path / "results")]) == 0
+    md = capsys.readouterr().out
+    assert "| eager | fused (triton) | fused (cuda) | torch.compile |" in md, md
+    assert "| FocalNet-T SRF | 3,100 | 4,321 | 4,650 | 5,000 | 5,555 | 1.50× |" in md, md
+    assert "| FocalNet-T SRF | 900 | 1,200 | 1,350 | 1.50× | 9.00 GiB | 5.00 GiB |" in md, md
+
+
 def test_readme_table_without_gpu_results(tmp_path):
     results = tmp_path / "results"
     _write_run(results, "x-dryrun", _sample_results("2025-01-02T00:00:00+00:00", dry_run=True))
