@@ -263,7 +263,17 @@ def format_table(rows):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--predict" in argv:
+        # the static H100 cost model (focalnet_kernels/cost_model.py, docs/cost-model.md): predicted
+        # time per backend x direction x stage x dtype from the compiled SASS; its own options follow
+        from .cost_model import main as predict_main
+        return predict_main([a for a in argv if a != "--predict"])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--predict", action="store_true",
+                    help="print the cost model's predictions instead (python -m focalnet_kernels.cost_model -h)")
+    ap.add_argument("--compile-count", action="store_true",
+                    help="only the number of kernel variants the GPU tests and the op benchmark compile")
     ap.add_argument("--arch", default="80,90", help="comma separated compute capabilities")
     ap.add_argument("--filter", default=None, help="only kernels/configs containing this")
     ap.add_argument("--jobs", type=int, default=2)
@@ -271,6 +281,9 @@ def main(argv=None):
     ap.add_argument("--select-json", default=None, help="JSON list of '<name> @ <config>'")
     ap.add_argument("--modules", default=None, help="comma separated module names")
     a = ap.parse_args(argv)
+    if a.compile_count:
+        print(compile_count_summary())
+        return 0
     archs = tuple(int(x) for x in a.arch.split(","))
     select = json.loads(a.select_json) if a.select_json else None
     modules = a.modules.split(",") if a.modules else None
