@@ -1400,8 +1400,48 @@ def format_rows(rows) -> str:
     return "\n".join([fmt.format(*hdr), fmt.format(*("-" * x for x in w))] + [fmt.format(*b) for b in body])
 
 
+_DT_LONG = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def compare(results: dict, backends=("triton", "cuda")) -> list:
+    """Predicted beside measured for every op case of a GPU suite run (focalnet-bench results.json):
+    one dict per (shape, kernel sizes, dtype, direction, backend) that ran, with measured_ms,
+    predicted_ms and measured / predicted. This is the calibration the first GPU runs give the model."""
+    out = []
+    for e in results.get("op") or []:
+        if e.get("status") != "ok" or e.get("backend") not in backends:
+            continue
+        dtype = _DT_LONG.get(e["dtype"], e["dtype"])
+        try:
+            p = predict(e["backend"], e["direction"], e["shape"], e["kernels"], dtype)
+            pred, bound, instr = p["predicted_ms"], p["bound"], p["instr_per_elem"]
+        except Exception as ex:  # e.g. the CUDA backward, which the model does not cover
+            pred, bound, instr = None, f"not modelled ({type(ex).__name__})", None
+        out.append({"backend": e["backend"], "direction": e["direction"], "shape": e["shape"],
+                    "kernel_sizes": e["kernels"], "dtype": dtype, "measured_ms": e["median_ms"],
+                    "predicted_ms": pred, "bound": bound, "instr_per_elem": instr,
+                    "measured_over_predicted": round(e["median_ms"] / pred, 2) if pred else None})
+    return out
+
+
+def format_compare(rows, device="") -> str:
+    lines = [f"measured (GPU suite{', ' + device if device else ''}) vs predicted (static model):",
+             f"{'shape':<15} {'k':<8} {'dtype':<9} {'dir':<8} {'backend':<7} {'measured':>9} {'predicted':>9} "
+             f"{'meas/pred':>9}  bound"]
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        ks = ",".join(map(str, r["kernel_sizes"]))
+        pred = f"{r['predicted_ms']:.3f}" if r["predicted_ms"] else "-"
+        ratio = str(r["measured_over_predicted"]) if r["measured_over_predicted"] else "-"
+        lines.append(f"{shape:<15} {ks:<8} {r['dtype']:<9} {r['direction']:<8} {r['backend']:<7} "
+                     f"{r['measured_ms']:9.3f} {pred:>9} {ratio:>9}  {r['bound']}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--compare", metavar="RESULTS_JSON",
+                    help="predicted beside measured for every op case of a GPU suite run")
     ap.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     ap.add_argument("--dtype", default="float32,bfloat16")
     ap.add_argument("--stage", default="1,2,3,4")
@@ -1414,6 +1454,12 @@ def main(argv=None):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.call([sys.executable, "-m", "focalnet_kernels.cost_model"] + list(argv or sys.argv[1:]),
                                env=env)
+    if a.compare:
+        with open(a.compare) as f:
+            res = json.load(f)
+        rows = compare(res, tuple(a.backend.split(",")))
+        print(json.dumps(rows) if a.json else format_compare(rows, (res.get("env") or {}).get("device_name", "")))
+        return 0
     rows = predict_rows(tuple(int(s) for s in a.stage.split(",")), tuple(a.kset.split(",")),
                         tuple(a.dtype.split(",")), tuple(a.direction.split(",")), tuple(a.backend.split(",")))
     if a.json:

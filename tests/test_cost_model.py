@@ -207,3 +207,31 @@ def test_cpp_for_ranges():
     assert cm._cpp_fors(text) == [(2, 4, "for (int i = 0; i < n; ++i)"), (5, 5, "for (int j = 0; j < 8; ++j)")]
     # a `#pragma unroll` loop is no SASS loop: left out unless asked for
     assert cm._cpp_fors(text, unrolled=True)[-1] == (7, 7, "for (int v = 0; v < V; ++v)")
+
+
+def test_compare_puts_predicted_beside_measured(monkeypatch):
+    """--compare: one row per op case that ran on a fused backend, measured / predicted, and the
+    cases the model does not cover reported as such (not dropped)."""
+    from focalnet_kernels import cost_model as cm
+
+    def fake_predict(backend, direction, shape, ks, dtype, arch=90):
+        if direction == "fwd+bwd":
+            raise NotImplementedError("backward not modelled")
+        return {"predicted_ms": 2.0, "bound": "issue (k)", "instr_per_elem": 900.0}
+
+    monkeypatch.setattr(cm, "predict", fake_predict)
+    res = {"op": [
+        dict(backend="cuda", direction="fwd", shape=[256, 56, 56, 96], kernels=[3, 5, 7], dtype="bf16",
+             status="ok", median_ms=3.0),
+        dict(backend="cuda", direction="fwd+bwd", shape=[256, 56, 56, 96], kernels=[3, 5, 7], dtype="bf16",
+             status="ok", median_ms=9.0),
+        dict(backend="eager", direction="fwd", shape=[256, 56, 56, 96], kernels=[3, 5, 7], dtype="bf16",
+             status="ok", median_ms=7.0),
+        dict(backend="triton", direction="fwd", shape=[256, 56, 56, 96], kernels=[3, 5, 7], dtype="bf16",
+             status="error", median_ms=None)]}
+    rows = cm.compare(res)
+    assert [(r["backend"], r["direction"]) for r in rows] == [("cuda", "fwd"), ("cuda", "fwd+bwd")]
+    assert rows[0]["dtype"] == "bfloat16" and rows[0]["measured_over_predicted"] == 1.5
+    assert rows[1]["predicted_ms"] is None and "not modelled" in rows[1]["bound"]
+    text = cm.format_compare(rows, "H100")
+    assert "H100" in text and "1.5" in text and "not modelled" in text
