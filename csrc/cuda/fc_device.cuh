@@ -22,6 +22,10 @@
   float* name = reinterpret_cast<float*>(fc_smem_f4)
 #define FC_LAUNCH(fn, grid, block, smem, stream, ...) fn<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
 #define FC_CHECK_ALIGN16(ptr) ((void)0)
+#define FC_OPAQUE(v) asm volatile("" : "+r"(v))  // the compiler must not reuse what it knows of v
+#endif
+#ifndef FC_OPAQUE
+#define FC_OPAQUE(v) ((void)0)
 #endif
 
 namespace focalnet {
@@ -36,6 +40,14 @@ constexpr int KMAX_ALL = 15;      // largest kernel size of the contract
 
 // Outputs computed per thread and item along the row (register blocking of the conv).
 __host__ __device__ constexpr int vblock(int kmax) { return kmax <= 3 ? 4 : 8; }
+
+// Fused forward: outputs per thread item along the row (FV), tile positions per thread held in
+// registers (PSLOTS), and the padded tile width of the position map (32 position lanes per block
+// = 32 / tile_wp rows of tile_wp columns; the planner keeps TW <= 32, TH * tile_wp(TW) <= 32 * PSLOTS).
+constexpr int FV = 8;
+constexpr int FV_SHORT = 4;
+constexpr int PSLOTS = 16;
+__host__ __device__ constexpr int tile_wp(int tw) { return tw <= 8 ? 8 : (tw <= 16 ? 16 : 32); }
 
 // ------------------------------------------------------------------------------------------
 // math (exact erf GELU, written as the contract writes it so NaN/Inf behave the same)

@@ -20,21 +20,55 @@ namespace fcc {
 // R[0] = sum_j k_j/2 of x_{l0} is staged once in shared memory (fp32, zero outside the image);
 // level j is then computed from shared memory on the region tile + R[j+1] (shrinking), its
 // out-of-image positions set to 0 (zero padding of the next level, never recomputed values),
-// and written to the other ping-pong buffer. At tile positions the gated sum is accumulated in
-// shared memory (forward) and/or the level is stored to the workspace (segment boundary, or
-// recompute mode for the backward).
+// and written to the other ping-pong buffer (the last level's output too: the tile region).
+//
+// Conv items (fused_conv_level): a warp = 4 rows x 8 channels, each thread a strip of V
+// consecutive outputs of one row and channel (V = FV = 8 or FV_SHORT = 4, per level, whichever
+// the planner finds wastes less on rounding the region's width); with compile-time k the k*k
+// weights of the thread's channel live in registers for the whole level and the taps are fully
+// unrolled: per kernel row, V+k-1 shared-memory loads (immediate offsets from one row pointer)
+// feed k*V FFMAs. No per-tap bounds checks: buffers are zero-padded at the image border, and
+// every item stores all V outputs unconditionally (the pitches leave room for the last strip),
+// the border zeroing being one select per output: values at columns >= the region's
+// width or at clamped rows only ever feed outputs that are themselves outside the next region,
+// never a tile position, so they are never used (the emulator fills shared memory with NaN).
+//
+// Tile pass (tile_pass, after each level): the thread owns the tile positions
+// (ti0 + m * rstep, tj0), m < PSLOTS, of its channel, and keeps the gated sum of those
+// positions in registers across the levels (acc[m] = fma(g_l, x_{l+1}, acc[m]), in level order);
+// the pooled partial of the last level and the workspace stores (segment boundary, or recompute
+// mode for the backward) are done there too. The out / workspace stores are per element.
+//
+// Dynamic SASS instructions per output element (FC_FWD_COUNT), sm_90, nvcc 13.0 -O3, FocalNet-T
+// stage 1 LRF: B=256, 56x56x96, k = 3,5,7, bf16, ctx/gates strided slices (pixel stride 196).
+// Method: nvdisasm of fc_fused_kernel<bf16,3,3,5,7>; each basic-block range x its warp executions
+// per block (loops: trip counts from the tile geometry; the branches not taken for this case --
+// fp32 source, multi-segment and workspace paths -- excluded; conditional blocks inside taken
+// ranges counted as taken, so an upper bound), x 32 / (tile pixels x 8 channels).
+//   before (28x14 tile; figures of issue 11): ~718 = 170 FFMA + 256 int/address + 33 moves
+//     + 60 control + 46 select + ~153 other (LDS, MUFU, LDG, ...); 64 regs, 93 KB smem.
+//   after (28x14 tile, strips 8/4/8 for k = 3/5/7): ~523 = 166 FFMA + 138 int/address (uniform
+//     included) + 17 moves + 9 control + 58 select/predicate + 57 LDS + 8 STS + 42 other fp
+//     (GELU's FMUL/FADD) + 6 MUFU + 13 LDG/LDC + 7 convert + 1 STG; 128 regs (no spills),
+//     74.6 KB smem. By region: conv levels 120 + 144 + 117 (taps, row loads, and per conv output
+//     ~25 of GELU (erff) + border select + store), tile passes 14 + 15 + 11, staging 36 (8-byte
+//     loads), gates 26, weights and index math 22, output 16.
+// What remains is mostly GELU and halo: 5.5 conv outputs per element (28x14 tile + halo 5/3/0,
+// strips rounded), each ~25 instructions of GELU, i.e. ~135 of the 523; taps 133 FFMA (83 without
+// the halo).
 // ==========================================================================================
 struct FusedParams {
   int64_t B, H, W, C;
   int L, l0, nl;
   int k[4];
   int R[5];          // R[j]: halo of the buffer holding x_{l0+j}; R[nl] = 0
-  int pitch[5];      // pitch (positions) of the buffer holding x_{l0+j}, odd
+  int pitch[5];      // pitch (positions) of the buffer holding x_{l0+j} (j = 0..nl), odd
   int TH, TW, accP, ntw, ntiles, cblocks;
-  int offA, offB, offW[4], offG, offAcc, offRed;   // shared-memory offsets in floats
+  int offA, offB, offW[4], offG, offRed;   // shared-memory offsets in floats
   const void* src;   // x_{l0}: ctx (dtype T, any strides) when src_is_f32 == 0, else fp32 workspace map
   int64_t ss[4];
   int src_is_f32, src_vec;
+  int src_vec8;      // 16-bit src: 8-byte loads of 4 channels are legal (when src_vec is not)
   const void* gates;
   int64_t gs[4];
   const float* w[4]; // weights of the segment's levels, [C][k][k]
@@ -44,124 +78,241 @@ struct FusedParams {
   int ws_vec;        // fp32 contiguous workspace maps allow 16-byte access (C % 4 == 0)
   float* X[5];       // X[l]: fp32 contiguous map of level l (1 <= l <= L-1), where needed
   int xmask;         // bit j: store x_{l0+j+1} into X[l0+j+1]
+  int vmask;         // bit j: level j computes strips of FV_SHORT outputs (else FV)
   void* out;
   int out_vec;
   float* pool_part;  // [B][ntiles][C]
   float scale;
 };
 
-template <int KMAX, bool KFIX>
-__device__ __forceinline__ void fused_level(const FusedParams& P, float* sm, int j, int k, bool keep, int64_t b,
-                                            int h0, int w0, int64_t c0, int nvalid, float& psum) {
-  constexpr int V = vblock(KMAX);
+// Forward staging of x_{l0} (rows x cols positions from image origin gh0, gw0) into buffer A, one
+// thread per position and 8 channels: the position walks by NT with an incremental (row, column)
+// instead of a division per position; unit channel stride gets immediate load offsets, and 16-bit
+// sources with 8-byte aligned positions use two 8-byte loads (VEC8).
+template <typename E, bool VEC8>
+__device__ __forceinline__ void stage_src(float* __restrict__ buf, int pitch, int rows, int cols, int gh0, int gw0,
+                                          const E* __restrict__ src, const int64_t (&st)[4], int64_t b,
+                                          int64_t c0, int nvalid, bool vec, int H, int W) {
+  const E* base = src + b * st[0] + c0 * st[3];
+  const int dr = NT / cols, ds = NT - dr * cols;
+  int r = threadIdx.x / cols;
+  int s = threadIdx.x - r * cols;
+  const bool unit = st[3] == 1;
+  while (r < rows) {
+    const int gh = gh0 + r, gw = gw0 + s;
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = 0.f;
+    if ((unsigned)gh < (unsigned)H && (unsigned)gw < (unsigned)W) {
+      const E* p = base + (int64_t)gh * st[1] + (int64_t)gw * st[2];
+      if constexpr (VEC8) {
+        if (nvalid == CB) {
+          const uint2 u0 = *reinterpret_cast<const uint2*>(p);
+          const uint2 u1 = *reinterpret_cast<const uint2*>(p + 4);
+          const float2 f0 = unpack2(u0.x, p), f1 = unpack2(u0.y, p), f2 = unpack2(u1.x, p), f3 = unpack2(u1.y, p);
+          v[0] = f0.x; v[1] = f0.y; v[2] = f1.x; v[3] = f1.y;
+          v[4] = f2.x; v[5] = f2.y; v[6] = f3.x; v[7] = f3.y;
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            if (i < nvalid) v[i] = to_f<E>(p[i]);
+        }
+      } else if (vec) {
+        load8<E>(p, 0, 1, CB, true, v);
+      } else if (unit) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (i < nvalid) v[i] = to_f<E>(p[i]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (i < nvalid) v[i] = to_f<E>(p[i * st[3]]);
+      }
+    }
+    sm_store8(buf + (r * pitch + s) * CB, v);
+    s += ds;
+    r += dr;
+    if (s >= cols) {
+      s -= cols;
+      ++r;
+    }
+  }
+}
+
+// FV consecutive outputs of one row of one channel, compile-time k, weights in registers:
+//   a[v] = sum_{i,j<K} w[i*K+j] * p[(i*rs) + (v+j)*CB]      (same summation order as conv_item)
+template <int K, int V>
+__device__ __forceinline__ void conv_strip_fix(const float* __restrict__ p, int rs, const float (&w)[K * K],
+                                               float (&a)[V]) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) a[v] = 0.f;
+#pragma unroll
+  for (int i = 0; i < K; ++i) {
+    const float* row = p + i * rs;
+    float xr[V + K - 1];
+#pragma unroll
+    for (int t = 0; t < V + K - 1; ++t) xr[t] = row[t * CB];
+#pragma unroll
+    for (int j = 0; j < K; ++j)
+#pragma unroll
+      for (int v = 0; v < V; ++v) a[v] = fmaf(w[i * K + j], xr[v + j], a[v]);
+  }
+}
+
+// Level j of the segment: x_{l0+j+1} on region tile + R[j+1] into the other ping-pong buffer.
+template <int KMAX, bool KFIX, int V>
+__device__ __forceinline__ void fused_conv_level_v(const FusedParams& P, float* sm, int j, int k, int h0, int w0) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int c = threadIdx.x & (CB - 1);
   const int g4 = lane / CB;
-  const int H = (int)P.H, W = (int)P.W, TH = P.TH, TW = P.TW, accP = P.accP;
-  const float* src = sm + ((j & 1) ? P.offB : P.offA);
-  float* dst = sm + ((j & 1) ? P.offA : P.offB);
+  const unsigned H = (unsigned)P.H, W = (unsigned)P.W;
+  const float* src = sm + ((j & 1) ? P.offB : P.offA) + c;
+  float* dst = sm + ((j & 1) ? P.offA : P.offB) + c;
   const int sp = P.pitch[j], dp = P.pitch[j + 1];
   const int Ro = P.R[j + 1];
-  const int orows = TH + 2 * Ro, ocols = TW + 2 * Ro;
+  const int orows = P.TH + 2 * Ro, ocols = P.TW + 2 * Ro;
   const int nchunk = (ocols + V - 1) / V;
   const int nitems = ((orows + GPW - 1) / GPW) * nchunk;
-  const int gl = P.l0 + j;  // this conv is level gl; its output is x_{gl+1}
-  const bool last_global = (gl == P.L - 1);
-  const bool fwd = P.fwd != 0;
-  float* Xo = ((P.xmask >> j) & 1) ? P.X[gl + 1] : nullptr;
   const float* wt = sm + P.offW[j] + c;
-  float* acc_s = sm + P.offAcc;
-  const float* g_s = sm + P.offG + j * TH * accP;
+  // weights in registers up to k = 7 (49 registers); larger kernels read them from shared memory
+  // per tap (k loads per kernel row) to stay within the 128 registers of 2 blocks per SM
+  constexpr bool WREG = KFIX && KMAX <= 7;
+  float wr[WREG ? KMAX * KMAX : 1];
+  if constexpr (WREG) {
+#pragma unroll
+    for (int t = 0; t < KMAX * KMAX; ++t) wr[t] = wt[t * CB];
+  }
   for (int it = warp; it < nitems; it += NWARP) {
     const int rq = it / nchunk;
     const int ch = it - rq * nchunk;
-    const int r = rq * GPW + g4;
-    const int rr = min(r, orows - 1);
+    const int rr = min(rq * GPW + g4, orows - 1);  // rows past the region recompute the last row
     const int s0 = ch * V;
     float a[V];
-    conv_item<KMAX, KFIX, V, false>(src + c, sp, wt, k, rr, s0, a);
-    if (r < orows) {
-      const int gh = h0 - Ro + r;
-      const bool hin = gh >= 0 && gh < H;
-      const int ti = r - Ro;
-      const bool tin = ti >= 0 && ti < TH;
+    if constexpr (WREG)
+      conv_strip_fix<KMAX, V>(src + (rr * sp + s0) * CB, sp * CB, wr, a);
+    else
+      conv_item<KMAX, KFIX, V, false>(src, sp, wt, k, rr, s0, a);
+    const bool hin = (unsigned)(h0 - Ro + rr) < H;
+    const int gw0 = w0 - Ro + s0;
+    float* d = dst + (rr * dp + s0) * CB;
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const int s = s0 + v;
-        if (s < ocols) {
-          const int gw = w0 - Ro + s;
-          const bool in = hin && gw >= 0 && gw < W;
-          const float x = in ? gelu_f(a[v]) : 0.f;
-          if (keep) dst[(r * dp + s) * CB + c] = x;
-          const int tj = s - Ro;
-          if (in && tin && tj >= 0 && tj < TW) {
-            if (fwd) {
-              const int q = ti * accP + tj;
-              acc_s[q * CB + c] += g_s[q] * x;
-              if (last_global) psum += x;
-            }
-            if (Xo != nullptr && c < nvalid)
-              Xo[(((int64_t)b * P.H + gh) * P.W + gw) * P.C + c0 + c] = x;
-          }
-        }
-      }
+    for (int v = 0; v < V; ++v) {
+      const float x = gelu_f(a[v]);
+      d[v * CB] = (hin && (unsigned)(gw0 + v) < W) ? x : 0.f;
     }
   }
   __syncthreads();
+}
+
+// The planner picks the strip length of each level (bit j of vmask: FV_SHORT instead of FV), the one
+// that wastes fewer outputs on the rounding of the region's width.
+template <int KMAX, bool KFIX>
+__device__ __forceinline__ void fused_conv_level(const FusedParams& P, float* sm, int j, int k, int h0, int w0) {
+  if ((P.vmask >> j) & 1)
+    fused_conv_level_v<KMAX, KFIX, FV_SHORT>(P, sm, j, k, h0, w0);
+  else
+    fused_conv_level_v<KMAX, KFIX, FV>(P, sm, j, k, h0, w0);
+}
+
+// The thread's tile positions: (ti0 + m * rstep, tj0) for m < nslot (a prefix of the PSLOTS slots).
+struct TileSlots {
+  int ti0, tj0, rstep, nslot;
+  int64_t g0, gstep;  // element offset (b, h0 + ti0, w0 + tj0, c0 + c) in a contiguous B,H,W,C map; per slot
+};
+
+// After level j: gated sum, pooled partial and workspace store at the thread's tile positions.
+__device__ __forceinline__ void tile_pass(const FusedParams& P, const float* sm, int j, const TileSlots& S,
+                                          bool cok, float (&acc)[PSLOTS], float& psum) {
+  const int c = threadIdx.x & (CB - 1);
+  const int gl = P.l0 + j;
+  const bool fwd = P.fwd != 0;
+  const bool last_global = fwd && (gl == P.L - 1);
+  float* Xo = ((P.xmask >> j) & 1) ? P.X[gl + 1] : nullptr;
+  if (!fwd && Xo == nullptr) return;
+  const int Ro = P.R[j + 1], dp = P.pitch[j + 1];
+  const float* x = sm + ((j & 1) ? P.offA : P.offB) + ((S.ti0 + Ro) * dp + S.tj0 + Ro) * CB + c;
+  const int xstep = S.rstep * dp * CB;
+  const float* g = sm + P.offG + j * P.TH * P.accP + S.ti0 * P.accP + S.tj0;
+  const int gstep = S.rstep * P.accP;
+  // Every slot loads unconditionally (the planner sizes shared memory so that the PSLOTS slot
+  // addresses of every buffer and of the gate table stay inside it): slots >= nslot accumulate
+  // values that are never stored, and only the pooled sum needs the slot predicate.
+  if (last_global) {
+    int ns = S.nslot;
+    FC_OPAQUE(ns);
+#pragma unroll
+    for (int m = 0; m < PSLOTS; ++m) {
+      const float xv = x[m * xstep];
+      acc[m] = fmaf(g[m * gstep], xv, acc[m]);
+      psum += (m < ns) ? xv : 0.f;
+    }
+  } else if (fwd) {
+#pragma unroll
+    for (int m = 0; m < PSLOTS; ++m) acc[m] = fmaf(g[m * gstep], x[m * xstep], acc[m]);
+  }
+  if (Xo != nullptr && cok) {
+#pragma unroll
+    for (int m = 0; m < PSLOTS; ++m)
+      if (m < S.nslot) Xo[S.g0 + m * S.gstep] = x[m * xstep];
+  }
 }
 
 template <typename T, int LC, int K0, int K1, int K2, int K3>
 __global__ void __launch_bounds__(NT, 2) fc_fused_kernel(const FusedParams P) {
   FC_DYN_SMEM(sm);
   const int tid = threadIdx.x;
-  int64_t bid = blockIdx.x;
-  const int cb = (int)(bid % P.cblocks);
-  bid /= P.cblocks;
-  const int tile = (int)(bid % P.ntiles);
-  const int64_t b = bid / P.ntiles;
+  // 32-bit index math: the host keeps the grid below 2^31 blocks
+  unsigned bid = blockIdx.x;
+  const int cb = (int)(bid % (unsigned)P.cblocks);
+  bid /= (unsigned)P.cblocks;
+  const int tile = (int)(bid % (unsigned)P.ntiles);
+  const int64_t b = bid / (unsigned)P.ntiles;
   const int TH = P.TH, TW = P.TW, accP = P.accP;
-  const int h0 = (tile / P.ntw) * TH, w0 = (tile % P.ntw) * TW;
+  const int tr = (int)((unsigned)tile / (unsigned)P.ntw);
+  const int h0 = tr * TH, w0 = (tile - tr * P.ntw) * TW;
   const int64_t c0 = (int64_t)cb * CB;
   const int nvalid = (int)((P.C - c0) < CB ? (P.C - c0) : CB);
   const int nl = LC > 0 ? LC : P.nl;
   const int H = (int)P.H, W = (int)P.W;
-  const int tpos = TH * TW;
+  const int c = tid & (CB - 1);
+  const bool cok = c < nvalid;
 
   // weights of the segment, transposed to [tap][CB]; channels >= nvalid are 0
   for (int j = 0; j < nl; ++j) {
     const int kk = P.k[j] * P.k[j];
-    float* wd = sm + P.offW[j];
-    const float* wsrc = P.w[j];
-    for (int idx = tid; idx < kk * CB; idx += NT) {
-      const int tap = idx / CB, cc = idx - tap * CB;
-      wd[idx] = (cc < nvalid) ? wsrc[(c0 + cc) * kk + tap] : 0.f;
-    }
+    float* wd = sm + P.offW[j] + c;
+    const float* wsrc = P.w[j] + (c0 + (cok ? c : 0)) * kk;
+#pragma unroll 1
+    for (int tap = tid / CB; tap < kk; tap += NGRP) wd[tap * CB] = cok ? wsrc[tap] : 0.f;
   }
-  if (P.fwd) {
-    const T* gp = static_cast<const T*>(P.gates);
-    float* g_s = sm + P.offG;
-    for (int idx = tid; idx < nl * tpos; idx += NT) {
-      const int j = idx / tpos, pos = idx - j * tpos;
-      const int ti = pos / TW, tj = pos - ti * TW;
-      const int gh = h0 + ti, gw = w0 + tj;
-      float g = 0.f;
-      if (gh < H && gw < W)
-        g = to_f<T>(gp[b * P.gs[0] + (int64_t)gh * P.gs[1] + (int64_t)gw * P.gs[2] + (int64_t)(P.l0 + j) * P.gs[3]]);
-      g_s[j * TH * accP + ti * accP + tj] = g;
-    }
-    float* acc_s = sm + P.offAcc;
-    const bool wvec = P.ws_vec && nvalid == CB;
-    for (int pos = tid; pos < tpos; pos += NT) {
-      const int ti = pos / TW, tj = pos - ti * TW;
-      const int gh = h0 + ti, gw = w0 + tj;
-      float v[8];
-      if (P.acc_in && gh < H && gw < W) {
-        load8<float>(P.acc_ws, ((b * P.H + gh) * P.W + gw) * P.C + c0, 1, nvalid, wvec, v);
-      } else {
+  // the thread's tile positions (planner: TW <= 32, TH * tile_wp(TW) <= 32 * PSLOTS)
+  TileSlots S;
+  {
+    const int twp = tile_wp(TW);
+    const int pl = tid / CB;
+    S.rstep = 32 / twp;
+    S.ti0 = pl / twp;
+    S.tj0 = pl - S.ti0 * twp;
+    const int nvr = min(TH, H - h0) - S.ti0;  // image rows of the tile left from ti0
+    const bool colok = S.tj0 < min(TW, W - w0);
+    S.nslot = (colok && nvr > 0) ? min(PSLOTS, (nvr + S.rstep - 1) / S.rstep) : 0;
+    S.g0 = ((b * P.H + h0 + S.ti0) * P.W + w0 + S.tj0) * P.C + c0 + c;
+    S.gstep = (int64_t)S.rstep * P.W * P.C;
+  }
+  // gates of the segment's levels at the tile positions: thread (slots, c) loads level c of its
+  // slots (8 threads share a position; lanes c >= nl idle)
+  if (P.fwd && c < nl) {
+    const T* gp = static_cast<const T*>(P.gates) + b * P.gs[0] + (int64_t)(h0 + S.ti0) * P.gs[1] +
+                  (int64_t)(w0 + S.tj0) * P.gs[2] + (int64_t)(P.l0 + c) * P.gs[3];
+    const int64_t gpstep = (int64_t)S.rstep * P.gs[1];
+    float* gd = sm + P.offG + c * TH * accP + S.ti0 * accP + S.tj0;
+    const int gdstep = S.rstep * accP;
+    int ns = S.nslot;
+    FC_OPAQUE(ns);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = 0.f;
-      }
-      sm_store8(acc_s + (ti * accP + tj) * CB, v);
+    for (int m = 0; m < PSLOTS; ++m) {
+      if (m < ns) gd[m * gdstep] = to_f<T>(*gp);
+      gp += gpstep;
     }
   }
   {
@@ -169,28 +320,53 @@ __global__ void __launch_bounds__(NT, 2) fc_fused_kernel(const FusedParams P) {
     const int rows = TH + 2 * R0, cols = TW + 2 * R0;
     const bool vec = P.src_vec && nvalid == CB;
     if (P.src_is_f32)
-      load_region<float>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0, static_cast<const float*>(P.src),
-                         P.ss, b, c0, nvalid, vec, H, W);
+      stage_src<float, false>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0,
+                              static_cast<const float*>(P.src), P.ss, b, c0, nvalid, vec, H, W);
+    else if (sizeof(T) == 2 && !vec && P.src_vec8)
+      stage_src<T, sizeof(T) == 2>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0,
+                                   static_cast<const T*>(P.src), P.ss, b, c0, nvalid, vec, H, W);
     else
-      load_region<T>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0, static_cast<const T*>(P.src), P.ss, b,
-                     c0, nvalid, vec, H, W);
+      stage_src<T, false>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0, static_cast<const T*>(P.src),
+                          P.ss, b, c0, nvalid, vec, H, W);
+  }
+
+  float acc[PSLOTS];
+#pragma unroll
+  for (int m = 0; m < PSLOTS; ++m) acc[m] = 0.f;
+  if (P.fwd && P.acc_in && cok) {
+    const float* ap = P.acc_ws + S.g0;
+#pragma unroll
+    for (int m = 0; m < PSLOTS; ++m)
+      if (m < S.nslot) acc[m] = ap[m * S.gstep];
   }
   __syncthreads();
 
   float psum = 0.f;
   if constexpr (LC == 0) {
-    for (int j = 0; j < nl; ++j)
-      fused_level<KMAX_ALL, false>(P, sm, j, P.k[j], j < nl - 1, b, h0, w0, c0, nvalid, psum);
+    for (int j = 0; j < nl; ++j) {
+      fused_conv_level<KMAX_ALL, false>(P, sm, j, P.k[j], h0, w0);
+      tile_pass(P, sm, j, S, cok, acc, psum);
+    }
   } else {
-    fused_level<K0, true>(P, sm, 0, K0, LC > 1, b, h0, w0, c0, nvalid, psum);
-    if constexpr (LC > 1) fused_level<K1, true>(P, sm, 1, K1, LC > 2, b, h0, w0, c0, nvalid, psum);
-    if constexpr (LC > 2) fused_level<K2, true>(P, sm, 2, K2, LC > 3, b, h0, w0, c0, nvalid, psum);
-    if constexpr (LC > 3) fused_level<K3, true>(P, sm, 3, K3, false, b, h0, w0, c0, nvalid, psum);
+    fused_conv_level<K0, true>(P, sm, 0, K0, h0, w0);
+    tile_pass(P, sm, 0, S, cok, acc, psum);
+    if constexpr (LC > 1) {
+      fused_conv_level<K1, true>(P, sm, 1, K1, h0, w0);
+      tile_pass(P, sm, 1, S, cok, acc, psum);
+    }
+    if constexpr (LC > 2) {
+      fused_conv_level<K2, true>(P, sm, 2, K2, h0, w0);
+      tile_pass(P, sm, 2, S, cok, acc, psum);
+    }
+    if constexpr (LC > 3) {
+      fused_conv_level<K3, true>(P, sm, 3, K3, h0, w0);
+      tile_pass(P, sm, 3, S, cok, acc, psum);
+    }
   }
 
   if (!P.fwd) return;
   if (P.final_out) {
-    // pooled partial of this tile: per channel, groups summed in a fixed order
+    // pooled partial of this tile: per channel, the 32 position lanes summed in a fixed order
     float* red = sm + P.offRed;
     red[tid] = psum;
     __syncthreads();
@@ -200,20 +376,23 @@ __global__ void __launch_bounds__(NT, 2) fc_fused_kernel(const FusedParams P) {
       P.pool_part[(b * P.ntiles + tile) * P.C + c0 + tid] = t;
     }
   }
-  const float* acc_s = sm + P.offAcc;
-  for (int pos = tid; pos < tpos; pos += NT) {
-    const int ti = pos / TW, tj = pos - ti * TW;
-    const int gh = h0 + ti, gw = w0 + tj;
-    if (gh >= H || gw >= W) continue;
-    float v[8];
-    sm_load8(acc_s + (ti * accP + tj) * CB, v);
-    const int64_t off = ((b * P.H + gh) * P.W + gw) * P.C + c0;
-    if (P.final_out) {
+  if (!cok) return;
+  int ns = S.nslot;
+  FC_OPAQUE(ns);
+  if (P.final_out) {
+    T* o = static_cast<T*>(P.out) + S.g0;
+    const float scale = P.scale;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) v[i] *= P.scale;
-      store8<T>(static_cast<T*>(P.out), off, nvalid, P.out_vec && nvalid == CB, v);
-    } else {
-      store8<float>(P.acc_ws, off, nvalid, P.ws_vec && nvalid == CB, v);
+    for (int m = 0; m < PSLOTS; ++m) {
+      if (m < ns) *o = from_f<T>(acc[m] * scale);
+      o += S.gstep;
+    }
+  } else {
+    float* o = P.acc_ws + S.g0;
+#pragma unroll
+    for (int m = 0; m < PSLOTS; ++m) {
+      if (m < ns) *o = acc[m];
+      o += S.gstep;
     }
   }
 }

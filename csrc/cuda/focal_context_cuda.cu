@@ -49,6 +49,9 @@ constexpr int kTileSides[] = {1, 2, 4, 7, 8, 12, 14, 16, 24, 28, 32};
 constexpr double kCostPerTile = 2000.0;
 constexpr double kCostStageByte = 2.0;
 constexpr double kCostGeneric = 1.3;
+constexpr double kCostGeluStore = 24.0;  // GELU (erf), border select and store of one conv output
+constexpr double kCostPass = 5.0;        // one tile-pass slot of one level
+constexpr double kCostItem = 24.0;       // per conv item (strip): index math, row pointers, border predicates
 constexpr double kCostBoundaryFwd = 176.0;
 constexpr double kCostBoundaryRecompute = 50.0;
 
@@ -125,23 +128,43 @@ struct Segment {
   int TH = 0, TW = 0, accP = 0, ntw = 0, ntiles = 0;
   int R[5] = {0, 0, 0, 0, 0};
   int pitch[5] = {0, 0, 0, 0, 0};
-  int offA = 0, offB = 0, offW[4] = {0, 0, 0, 0}, offG = 0, offAcc = 0, offRed = 0;
+  int offA = 0, offB = 0, offW[4] = {0, 0, 0, 0}, offG = 0, offRed = 0;
+  int vmask = 0;  // bit j: level j computes strips of FV_SHORT outputs (else FV)
   int64_t smem = 0;
 };
 
+// Modelled instructions of level j of a segment (per thread-channel, whole tile) with strips of V
+// outputs: taps, row loads, per-item overhead, GELU and store per output.
+double seg_level_cost(const Segment& s, int j, int V) {
+  const double k = s.k[j];
+  const int64_t orows = s.TH + 2 * s.R[j + 1], ocols = s.TW + 2 * s.R[j + 1];
+  const double outs = (double)round_up(orows, GPW) * (double)round_up(ocols, V);
+  return outs * ((k * k + k * (V + k - 1) / V) * (s.spec >= 0 ? 1.0 : kCostGeneric) + kCostGeluStore + kCostItem / V);
+}
+
 bool fused_geom(Segment& s, bool fwd, int64_t H, int64_t W, int th, int tw) {
   const int TH = (int)std::min<int64_t>(th, H), TW = (int)std::min<int64_t>(tw, W);
-  const bool kfix = s.spec >= 0;
+  // the tile pass keeps 32 * PSLOTS positions of a tile_wp-wide map in registers
+  if (TW > 32 || TH * tile_wp(TW) > 32 * PSLOTS) return false;
   s.TH = TH;
   s.TW = TW;
   s.R[s.nl] = 0;
   for (int j = s.nl - 1; j >= 0; --j) s.R[j] = s.R[j + 1] + s.k[j] / 2;
+  // strip length of each level: the one with the lower modelled cost of its region
+  s.vmask = 0;
+  for (int j = 0; j < s.nl; ++j)
+    if (seg_level_cost(s, j, FV_SHORT) < seg_level_cost(s, j, FV)) s.vmask |= 1 << j;
+  auto vlen = [&](int j) { return ((s.vmask >> j) & 1) ? FV_SHORT : FV; };
+  // buffer j holds x_{l0+j} on tile + R[j] (j = nl: the last level's output on the tile); it is
+  // read by level j (whole strips of vlen(j) outputs, k_j - 1 more columns) and written by level
+  // j - 1 (whole strips of vlen(j - 1) outputs)
   int64_t sizeA = 0, sizeB = 0;
-  for (int j = 0; j < s.nl; ++j) {
-    const int V = vblock(kfix ? s.k[j] : KMAX_ALL);
-    const int rows = TH + 2 * s.R[j], cols = TW + 2 * s.R[j], ocols = TW + 2 * s.R[j + 1];
-    const int nchunk = (ocols + V - 1) / V;
-    const int pitch = std::max(cols, nchunk * V + s.k[j] - 1) | 1;
+  for (int j = 0; j <= s.nl; ++j) {
+    const int rows = TH + 2 * s.R[j], cols = TW + 2 * s.R[j];
+    int pitch = cols;
+    if (j < s.nl) pitch = std::max(pitch, (int)ceil_div(TW + 2 * s.R[j + 1], vlen(j)) * vlen(j) + s.k[j] - 1);
+    if (j > 0) pitch = std::max(pitch, (int)ceil_div(cols, vlen(j - 1)) * vlen(j - 1));
+    pitch |= 1;
     s.pitch[j] = pitch;
     const int64_t sz = (int64_t)rows * pitch * CB;
     if (j & 1)
@@ -149,7 +172,6 @@ bool fused_geom(Segment& s, bool fwd, int64_t H, int64_t W, int th, int tw) {
     else
       sizeA = std::max(sizeA, sz);
   }
-  s.pitch[s.nl] = 0;
   s.accP = TW | 1;
   int64_t off = 0;
   s.offA = 0;
@@ -163,13 +185,21 @@ bool fused_geom(Segment& s, bool fwd, int64_t H, int64_t W, int th, int tw) {
   if (fwd) {
     s.offG = (int)off;
     off += round_up((int64_t)s.nl * TH * s.accP, 4);
-    s.offAcc = (int)off;
-    off += (int64_t)TH * s.accP * CB;
   } else {
-    s.offG = s.offAcc = 0;
+    s.offG = 0;
   }
   s.offRed = (int)off;
   off += NT;
+  // the tile pass reads PSLOTS slots of every level buffer and of the gate table unconditionally
+  // (slots past the tile read whatever lies there and are discarded): keep them inside the block
+  {
+    const int twp = tile_wp(TW), rows_max = PSLOTS * (32 / twp);
+    for (int j = 1; j <= s.nl; ++j) {
+      const int64_t start = (j & 1) ? s.offB : s.offA;
+      off = std::max<int64_t>(off, start + ((int64_t)(rows_max + s.R[j]) * s.pitch[j] + twp + s.R[j]) * CB);
+    }
+    if (fwd) off = std::max<int64_t>(off, s.offG + (int64_t)s.nl * TH * s.accP + (int64_t)rows_max * s.accP + twp);
+  }
   s.smem = off * 4;
   const int64_t ntiles = ceil_div(H, TH) * ceil_div(W, TW);
   if (ntiles > std::numeric_limits<int32_t>::max() / 1024) return false;
@@ -178,14 +208,14 @@ bool fused_geom(Segment& s, bool fwd, int64_t H, int64_t W, int th, int tw) {
   return s.smem <= kSmemBudget;
 }
 
+// Modelled issued instructions per tile, per thread-channel, divided by the tile's pixels: conv
+// items (taps, row loads, GELU and store per output), the tile pass per level, staging, a constant
+// per block.
 double fused_cost(const Segment& s, int64_t H, int64_t W) {
-  const bool kfix = s.spec >= 0;
   double per_tile = kCostPerTile;
   for (int j = 0; j < s.nl; ++j) {
-    const int V = vblock(kfix ? s.k[j] : KMAX_ALL);
-    const int64_t orows = s.TH + 2 * s.R[j + 1], ocols = s.TW + 2 * s.R[j + 1];
-    per_tile += (double)s.k[j] * s.k[j] * (double)round_up(orows, GPW) * (double)round_up(ocols, V) *
-                (kfix ? 1.0 : kCostGeneric);
+    per_tile += seg_level_cost(s, j, ((s.vmask >> j) & 1) ? FV_SHORT : FV);
+    per_tile += kCostPass * (double)s.TH * (double)tile_wp(s.TW);
   }
   per_tile += kCostStageByte * 4.0 * (double)(s.TH + 2 * s.R[0]) * (double)(s.TW + 2 * s.R[0]);
   return per_tile * (double)s.ntiles / (double)(H * W);
@@ -461,13 +491,21 @@ struct DeviceGuard {
 };
 
 // 16-byte vector access of 8 channels is legal for every (b, h, w) and channel block?
-bool vec16(uintptr_t p, const std::array<int64_t, 4>& st, const int64_t (&sz)[4], int esz) {
-  if (p % 16 != 0) return false;
-  const int64_t ve = 16 / esz;
+bool vecw(uintptr_t p, const std::array<int64_t, 4>& st, const int64_t (&sz)[4], int esz, int bytes) {
+  if (p % bytes != 0) return false;
+  const int64_t ve = bytes / esz;
   if (sz[3] > 1 && st[3] != 1) return false;
   for (int d = 0; d < 3; ++d)
     if (sz[d] > 1 && st[d] % ve != 0) return false;
   return true;
+}
+bool vec16(uintptr_t p, const std::array<int64_t, 4>& st, const int64_t (&sz)[4], int esz) {
+  return vecw(p, st, sz, esz, 16);
+}
+// 8-byte access of 4 channels (fp16/bf16 only), e.g. the f projection's ctx slice with its pixel
+// stride 2C + L + 1 = 196 (a multiple of 4, not of 8)
+bool vec8_16bit(uintptr_t p, const std::array<int64_t, 4>& st, const int64_t (&sz)[4], int esz) {
+  return esz == 2 && vecw(p, st, sz, esz, 8);
 }
 
 std::string seg_name(const char* dt, const Segment& s, bool fwd) {
@@ -513,8 +551,8 @@ void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, b
   P.offA = s.offA;
   P.offB = s.offB;
   P.offG = s.offG;
-  P.offAcc = s.offAcc;
   P.offRed = s.offRed;
+  P.vmask = s.vmask;
   P.fwd = fwd ? 1 : 0;
   const std::string name = seg_name(dtype_name<T>(), s, fwd);
   const int64_t nblk = a.B * (int64_t)s.ntiles * cblocks;
@@ -530,7 +568,7 @@ void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, b
 // the fp32 level map x_{l0} that the previous segment left in the workspace (contiguous B,H,W,C);
 // the workspace maps X and the output scale are the same for every segment.
 static FusedParams segment_inputs(const FocalContextArgs& a, const Segment& s, float* const X[5],
-                                  bool ctx_vec, bool ws_vec, float scale) {
+                                  bool ctx_vec, bool ctx_vec8, bool ws_vec, float scale) {
   FusedParams P{};
   P.ws_vec = ws_vec;
   for (int l = 0; l < 5; ++l) P.X[l] = X[l];
@@ -540,6 +578,7 @@ static FusedParams segment_inputs(const FocalContextArgs& a, const Segment& s, f
     for (int d = 0; d < 4; ++d) P.ss[d] = a.ctx_stride[d];
     P.src_is_f32 = 0;
     P.src_vec = ctx_vec;
+    P.src_vec8 = ctx_vec8;
   } else {
     P.src = X[s.l0];
     P.ss[0] = a.H * a.W * a.C;
@@ -562,6 +601,7 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
   const float scale = a.normalize ? 1.0f / (float)(L + 1) : 1.0f;
   const int64_t sz[4] = {B, H, W, C};
   const bool ctx_vec = vec16(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
+  const bool ctx_vec8 = vec8_16bit(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
   const bool ws_vec = (C % 4 == 0) && (a.workspace % 16 == 0);
   const bool out_vec = (a.out % 16 == 0) && (C % (int64_t)(16 / sizeof(T)) == 0);
   float* X[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
@@ -572,7 +612,7 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
   float* gp = reinterpret_cast<float*>(ws + pl.off_gp);
 
   for (const Segment& s : pl.segs) {
-    FusedParams P = segment_inputs(a, s, X, ctx_vec, ws_vec, scale);
+    FusedParams P = segment_inputs(a, s, X, ctx_vec, ctx_vec8, ws_vec, scale);
     const bool final_out = s.l0 + s.nl == L;
     P.acc_in = s.l0 > 0;
     P.final_out = final_out;
@@ -601,6 +641,7 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
   const float scale = a.normalize ? 1.0f / (float)(L + 1) : 1.0f;
   const int64_t sz[4] = {B, H, W, C};
   const bool ctx_vec = vec16(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
+  const bool ctx_vec8 = vec8_16bit(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
   const bool dout_vec = vec16(a.grad_out, a.grad_out_stride, sz, (int)sizeof(T));
   const bool ws_vec = (C % 4 == 0) && (a.workspace % 16 == 0);
   const bool gctx_vec = (a.grad_ctx % 16 == 0) && (C % (int64_t)(16 / sizeof(T)) == 0);
@@ -617,7 +658,7 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
 
   // 1. recompute x_1 .. x_{L-1} into the workspace
   for (const Segment& s : pl.segs) {
-    FusedParams P = segment_inputs(a, s, X, ctx_vec, ws_vec, scale);
+    FusedParams P = segment_inputs(a, s, X, ctx_vec, ctx_vec8, ws_vec, scale);
     P.xmask = (1 << s.nl) - 1;
     launch_fused<T>(a, s, P, false, st);
   }
