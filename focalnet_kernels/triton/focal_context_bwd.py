@@ -141,22 +141,24 @@ def _tile_coords(t, H, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
-def _dwconv_tile(src_ptr, s_b, s_h, s_w, s_c, w_ptr, b, hh, ww, cc64, cc, cm, H, W, C,
+def _dwconv_tile(src_ptr, s_b, s_h, s_w, s_c, w_ptr, b, hh, ww, cc64, cc, cm, H, W, C, kz,
                  K: tl.constexpr, FLIP: tl.constexpr, TILE: tl.constexpr, BLOCK_C: tl.constexpr):
     """fp32 depthwise conv of src at the tile (w tap-major [K, K, C]). FLIP=False: sum_ij w[c,i,j] src[h+i-p, w+j-p]
-    (forward conv); FLIP=True: sum_ij w[c,i,j] src[h-i+p, w-j+p] (transposed conv). Zero padding."""
+    (forward conv); FLIP=True: sum_ij w[c,i,j] src[h-i+p, w-j+p] (transposed conv). Zero padding.
+    kz: 0; a literal 0 (constexpr) gives compile-time tap loops, a runtime 0 run-time ones (see
+    _bwd_step_kernel)."""
     P: tl.constexpr = K // 2
     acc = tl.zeros([TILE, BLOCK_C], dtype=tl.float32)
     base = b.to(tl.int64) * s_b
     coff = cc64 * s_c
-    for i in range(K):
+    for i in range(0, K + kz):
         if FLIP:
             h2 = hh + (P - i)
         else:
             h2 = hh + (i - P)
         hm = (h2 >= 0) & (h2 < H)
         hoff = base + h2.to(tl.int64) * s_h
-        for j in range(K):
+        for j in range(0, K + kz):
             if FLIP:
                 w2 = ww + (P - j)
             else:
@@ -176,24 +178,40 @@ def _even_c(args):
     return args["C"] % args["BLOCK_C"] == 0
 
 
-# Step-kernel configs that spill for some kernel sizes (sm_90, `python -m focalnet_kernels.report`
-# under Triton 3.6 / ptxas 12.8; 3.9 does not spill there): a non-top step (it also runs the
-# transposed conv of the level above) with 16-bit inputs spills 32 B at 8x8 c32 and 4x16 c32
-# (k=5, up=7), so those are pruned there and 8x16 c16 (149 registers, no spill) runs.  Big windows
-# (up >= 9) spill 24 B at 8x16 c16 and 8-16 B even at 8x8 c16 (the fully unrolled 169..225-tap
-# loops); not solved yet: 8x16 c16 is kept for them.
-def _spills(cfg, kout, kin, top, half):
-    if top or not half:
-        return False
-    return cfg in ((8, 8, 32), (4, 16, 32))
+# The step kernel holds at most two 16-byte vectors of a [TILE, BLOCK_C] input tile per thread:
+# 16 elements for 16-bit inputs (every config as it is), 8 for fp32, whose BLOCK_C is capped to fit
+# (8x8 c32 -> c16, 8x16 c16 -> c8, 4x16 c32 -> c16).  With 16 fp32 elements per thread the non-top
+# steps sat at ptxas' 128-register mark and spilled 8-40 B at sm_80 (Triton 3.6 and 3.9); with 8
+# they use ~90-100 registers and do not spill.  The cap is applied by the kernel's heuristics (so
+# also when autotuning is off and the first config runs unpruned) and by _prune_step (so the
+# autotuner, the compile count and the cost model see the configs that actually run); it is
+# idempotent, so both together apply it once.
+def _step_block_c(th, tw, bc, nw, esize):
+    per_thread = 2 * (16 // esize)
+    return max(1, min(bc, per_thread * 32 * nw // (th * tw)))
+
+
+def _step_configs(esize):
+    """The (TILE_H, TILE_W, BLOCK_C, num_warps) the step kernel runs for inputs of esize bytes."""
+    return [(th, tw, _step_block_c(th, tw, bc, nw, esize), nw) for th, tw, bc, nw in _TILE_CONFIGS]
+
+
+def _step_heuristic_block_c(args):
+    return _step_block_c(args["TILE_H"], args["TILE_W"], args["BLOCK_C"], args.get("num_warps", 4),
+                         args["dout_ptr"].element_size())
 
 
 def _prune_step(configs, nargs):
-    half = nargs["dout_ptr"].element_size() == 2
-    keep = [cf for cf in configs
-            if not _spills((cf.kwargs["TILE_H"], cf.kwargs["TILE_W"], cf.kwargs["BLOCK_C"]),
-                           nargs["KOUT"], nargs["KIN"], nargs["TOP"], half)]
-    return keep or configs[:1]
+    """Early config prune of the step kernel: every config runs, for every dtype and kernel size,
+    with the fp32 channel-block cap applied."""
+    es = nargs["dout_ptr"].element_size()
+    out = []
+    for cf in configs:
+        k = cf.kwargs
+        bc = _step_block_c(k["TILE_H"], k["TILE_W"], k["BLOCK_C"], cf.num_warps, es)
+        out.append(cf if bc == k["BLOCK_C"] else
+                   triton.Config({**k, "BLOCK_C": bc}, num_warps=cf.num_warps, num_stages=cf.num_stages))
+    return out
 
 
 # Integer arguments (shapes, strides, level numbers) are never specialised: a new batch size,
@@ -286,7 +304,7 @@ def _dwconv_kernel(src_ptr, s_b, s_h, s_w, s_c, w_ptr, dst_ptr, B, H, W, C, size
     else:
         cm = cc < C
     cc64 = cc.to(tl.int64)
-    y = _dwconv_tile(src_ptr, s_b, s_h, s_w, s_c, w_ptr, b, hh, ww, cc64, cc, cm, H, W, C,
+    y = _dwconv_tile(src_ptr, s_b, s_h, s_w, s_c, w_ptr, b, hh, ww, cc64, cc, cm, H, W, C, 0,
                      K, FLIP, TILE, BLOCK_C)
     if GELU:
         y = _gelu(y)
@@ -297,11 +315,10 @@ def _dwconv_kernel(src_ptr, s_b, s_h, s_w, s_c, w_ptr, dst_ptr, B, H, W, C, size
 
 
 @triton.autotune(configs=_autotune_configs(), key=["size_class", "C", "KOUT", "KIN", "TOP"],
-                 # Triton 3.6 passes the constexpr launch arguments (KOUT, KIN, TOP) in kw, not in
-                 # nargs (3.9 has both): merge them
+                 # Triton 3.6 passes the constexpr launch arguments in kw, not in nargs: merged
                  prune_configs_by={"early_config_prune":
                                    lambda configs, nargs, **kw: _prune_step(configs, {**kw, **nargs})})
-@triton.heuristics({"EVEN_C": _even_c})
+@triton.heuristics({"BLOCK_C": _step_heuristic_block_c, "EVEN_C": _even_c})
 @triton.jit(do_not_specialize=_NO_SPEC_STEP)
 def _bwd_step_kernel(x_ptr, sxb, sxh, sxw, sxc,          # x_l (ctx with its strides, or fp32 scratch)
                      w_ptr,                              # w_l tap-major [KOUT, KOUT, C] fp32
@@ -312,7 +329,7 @@ def _bwd_step_kernel(x_ptr, sxb, sxh, sxw, sxc,          # x_l (ctx with its str
                      dz_ptr,                             # out: dz_l, fp32 contiguous
                      gg_ptr,                             # out: grad_gates contiguous [B*H*W, L+1]
                      ws_ptr,                             # out: [R, KOUT, KOUT, C] fp32 partials
-                     B, H, W, C, R, LEVEL, LEVELS, scale, size_class,
+                     B, H, W, C, R, LEVEL, LEVELS, scale, size_class, kz,
                      KOUT: tl.constexpr, KIN: tl.constexpr, TOP: tl.constexpr,
                      TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
                      EVEN_C: tl.constexpr):
@@ -327,45 +344,56 @@ def _bwd_step_kernel(x_ptr, sxb, sxh, sxw, sxc,          # x_l (ctx with its str
         b, hh, ww = _tile_coords(t, H, W, TILE_H, TILE_W)
         valid = (hh < H) & (ww < W)
         b64 = b.to(tl.int64)
-        tok = (b64 * H + hh) * W + ww
-        doff = b64 * sdb + hh.to(tl.int64) * sdh + ww.to(tl.int64) * sdw
         goff = b64 * sgb + hh.to(tl.int64) * sgh + ww.to(tl.int64) * sgw + LEVEL * sgc
         gl = tl.load(g_ptr + goff, mask=valid, other=0.0).to(tl.float32)
         gdot = tl.zeros([TILE], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
+            # The tile's coordinates and offsets, recomputed per channel block (a few integer ops)
+            # from `t + kz * c0` (= t, but loop-variant): held across the channel loop instead,
+            # they made ptxas 12.8 (Triton 3.6) spill 16-32 B in the non-top steps.
+            cb, ch, cw = _tile_coords(t + kz * c0, H, W, TILE_H, TILE_W)
+            cvalid = (ch < H) & (cw < W)
+            cb64 = cb.to(tl.int64)
+            ctok = (cb64 * H + ch) * W + cw
+            doff = cb64 * sdb + ch.to(tl.int64) * sdh + cw.to(tl.int64) * sdw
             cc = c0 + tl.arange(0, BLOCK_C)
             if EVEN_C:
                 cm = tl.full([BLOCK_C], 1, tl.int1)
             else:
                 cm = cc < C
             cc64 = cc.to(tl.int64)
-            m2 = valid[:, None] & cm[None, :]
+            m2 = cvalid[:, None] & cm[None, :]
+            # z_l = dwconv(x_l) first, then the transposed conv of the level above, then dout:
+            # at most two [TILE, BLOCK_C] fp32 tiles are live during a tap loop (dout loaded
+            # first, sd and dx were both held across both convolutions)
+            z = _dwconv_tile(x_ptr, sxb, sxh, sxw, sxc, w_ptr, cb, ch, cw, cc64, cc, cm, H, W, C,
+                             kz, KOUT, False, TILE, BLOCK_C)
+            if not TOP:
+                up = _dwconv_tile(dzin_ptr, szb, szh, szw, 1, win_ptr, cb, ch, cw, cc64, cc, cm, H, W, C,
+                                  kz, KIN, True, TILE, BLOCK_C)
             sd = tl.load(dout_ptr + doff[:, None] + (cc64 * sdc)[None, :], mask=m2, other=0.0).to(tl.float32)
             sd = sd * scale
             # dx_{l+1} at the tile
             dx = sd * gl[:, None]
             if TOP:
-                dx += tl.load(dxg_ptr + b64 * C + cc64, mask=cm, other=0.0)[None, :]
+                dx += tl.load(dxg_ptr + cb64 * C + cc64, mask=cm, other=0.0)[None, :]
             else:
-                dx += _dwconv_tile(dzin_ptr, szb, szh, szw, 1, win_ptr, b, hh, ww, cc64, cc, cm, H, W, C,
-                                   KIN, True, TILE, BLOCK_C)
-            # z_l, x_{l+1}, GELU'(z_l)
-            z = _dwconv_tile(x_ptr, sxb, sxh, sxw, sxc, w_ptr, b, hh, ww, cc64, cc, cm, H, W, C,
-                             KOUT, False, TILE, BLOCK_C)
+                dx += up
+            # x_{l+1}, GELU'(z_l)
             cdf = 0.5 * (1.0 + tl.math.erf(z * _K_INV_SQRT2))
             gdot += tl.sum(sd * (z * cdf), axis=1)
             dz = dx * (cdf + z * tl.exp(-0.5 * z * z) * _K_INV_SQRT_2PI)
             dz = tl.where(m2, dz, 0.0)
-            tl.store(dz_ptr + (tok * C)[:, None] + cc64[None, :], dz, mask=m2)
+            tl.store(dz_ptr + (ctok * C)[:, None] + cc64[None, :], dz, mask=m2)
             # weight-gradient partials: sum over the tile of dz_l * x_l(shifted), per tap
-            xbase = b64 * sxb
+            xbase = cb64 * sxb
             xcoff = cc64 * sxc
-            for i in range(KOUT):
-                h2 = hh + (i - P)
+            for i in range(0, KOUT + kz):
+                h2 = ch + (i - P)
                 hm = (h2 >= 0) & (h2 < H)
                 hoff = xbase + h2.to(tl.int64) * sxh
-                for j in range(KOUT):
-                    w2 = ww + (j - P)
+                for j in range(0, KOUT + kz):
+                    w2 = cw + (j - P)
                     m = hm & (w2 >= 0) & (w2 < W)
                     xs = tl.load(x_ptr + (hoff + w2.to(tl.int64) * sxw)[:, None] + xcoff[None, :],
                                  mask=m[:, None] & cm[None, :], other=0.0).to(tl.float32)
@@ -373,6 +401,10 @@ def _bwd_step_kernel(x_ptr, sxb, sxh, sxw, sxc,          # x_l (ctx with its str
                     wp = ws_row + (i * KOUT + j) * C + cc64
                     prev = tl.load(wp, mask=cm & ((cc * 0 + t) != row), other=0.0)
                     tl.store(wp, prev + part, mask=cm)
+        # and once more for the grad_gates store (`+ kz * C` = 0), rather than live across the loop
+        b, hh, ww = _tile_coords(t + kz * C, H, W, TILE_H, TILE_W)
+        valid = (hh < H) & (ww < W)
+        tok = (b.to(tl.int64) * H + hh) * W + ww
         tl.store(gg_ptr + tok * (LEVELS + 1) + LEVEL, (gdot).to(gg_ptr.dtype.element_ty), mask=valid)
         # the next tile re-reads this program's workspace row: make the stores visible CTA-wide
         tl.debug_barrier()
@@ -473,7 +505,7 @@ def _bwd(grad_out, ctx, gates, weights, pooled, normalize):
             dz if top else dz_next, *dz.stride()[:3], wt[l] if top else wt[l + 1],
             grad_out, *grad_out.stride(), gates, *gates.stride(),
             dxg, dz, grad_gates, ws,
-            B, H, W, C, R, l, L, s, sc), dict(
+            B, H, W, C, R, l, L, s, sc, 0), dict(
             KOUT=ks[l], KIN=1 if top else ks[l + 1], TOP=top))
         # second, fixed-order stage of the weight-gradient reduction
         grad_w[l] = ws.sum(0).permute(2, 0, 1).contiguous()
@@ -575,13 +607,13 @@ def _report_step(dt, cfg, kout, kin):
            "g_ptr": dt, "dxg_ptr": "*fp32", "dz_ptr": "*fp32", "gg_ptr": dt, "ws_ptr": "*fp32"}
     sig.update({n: "i32" for n in ("sxb", "sxh", "sxw", "szb", "szh", "szw", "sdb", "sdh", "sdw",
                                    "sgb", "sgh", "sgw", "B", "H", "W", "C", "R", "LEVEL", "LEVELS",
-                                   "size_class")})
+                                   "size_class", "kz")})
     sig["scale"] = "fp32"
     # x_l is the fp32 scratch (L >= 2), dz_{l+1} too: contiguous, aligned strides (still
     # specialised in this kernel, see _NO_SPEC_STEP)
     attrs = {n: _D16 for n in ("x_ptr", "w_ptr", "dzin_ptr", "win_ptr", "dout_ptr", "g_ptr", "dxg_ptr",
                                "dz_ptr", "gg_ptr", "ws_ptr", "C", "sxb", "sxh", "sxw", "szb", "szh",
-                               "szw", "sdb", "sdh", "sdw")}
+                               "szw", "sdb", "sdh", "sdw", "kz")}
     return {
         "name": f"bwd_step[{dt[1:]} k={kout}{' top' if top else f' up={kin}'}]",
         "config": _cfg_label(*cfg),
@@ -595,14 +627,17 @@ def _report_step(dt, cfg, kout, kin):
 
 
 def _report_kernels():
+    # the step kernel at the configs it runs (_step_configs: the fp32 channel block is capped)
     out = [_report_global("*bf16")]
-    for cfg in _TILE_CONFIGS:
-        out += [_report_dwconv("*bf16", cfg, 3, False), _report_step("*bf16", cfg, 7, 0),
-                _report_step("*bf16", cfg, 5, 7), _report_dwconv("*bf16", cfg, 3, True)]
-    big = max(_TILE_CONFIGS, key=lambda c: c[0] * c[1])
+    for cfg, scfg in zip(_TILE_CONFIGS, _step_configs(2)):
+        out += [_report_dwconv("*bf16", cfg, 3, False), _report_step("*bf16", scfg, 7, 0),
+                _report_step("*bf16", scfg, 5, 7), _report_dwconv("*bf16", cfg, 3, True)]
+    big = max(_step_configs(2), key=lambda c: c[0] * c[1])
     out += [_report_step("*bf16", big, 15, 0), _report_step("*bf16", big, 13, 15)]
     base = _TILE_CONFIGS[0]
-    out += [_report_step("*fp32", base, 5, 7), _report_dwconv("*fp32", base, 3, True)]
+    f32 = _step_configs(4)
+    out += [_report_step("*fp32", f32[0], 7, 0)] + [_report_step("*fp32", c, 5, 7) for c in f32]
+    out += [_report_dwconv("*fp32", base, 3, True)]
     # 1 x 1 maps (and H = 1 or W = 1) as Triton specialised them before the shape arguments were
     # unspecialised, sm_90 only: the kernels must compile with constant shapes too
     # (the step kernel is left out: a constant W = 1 made ptxas 13.4 spill 48 B there, and launches
