@@ -21,6 +21,7 @@ import torch
 from . import models as M
 from . import report
 from .common import collect_env, default_results_root, device_slug, log, parse_dtype
+from .op_bench import OP_BACKENDS
 from .suite import FOCAL_MODES, Config, run_suite
 
 FULL_MODELS = ["focalnet_tiny_srf", "focalnet_tiny_lrf", "swin_tiny", "focalnet_small_srf", "focalnet_small_lrf",
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help=f"comma-separated FocalNet modes among {', '.join(FOCAL_MODES)}")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes")
     p.add_argument("--no-train", action="store_true", help="skip the training section")
+    p.add_argument("--op-backends", help="comma-separated focal_context backends of the op section, among "
+                   + ", ".join(OP_BACKENDS))
     p.add_argument("--compile-backend", default=None, help=argparse.SUPPRESS)
     p.add_argument("--reps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # tests: tiny models in any suite
@@ -166,6 +169,11 @@ def make_config(args: argparse.Namespace, argv: List[str]) -> Config:
         cfg.op_backends = [b for b in cfg.op_backends if b != "reference_compiled"]
     if args.no_train:
         cfg.train = False
+    if args.op_backends:
+        cfg.op_backends = _csv([args.op_backends])
+        bad = [b for b in cfg.op_backends if b not in OP_BACKENDS]
+        if bad:
+            raise SystemExit(f"focalnet-bench: unknown op backend(s) {bad}; known: {', '.join(OP_BACKENDS)}")
     if args.reps:
         cfg.reps = args.reps
     if args.budget is not None:

@@ -216,8 +216,9 @@ fi
 
 # ---- 4. the other GPU tests ------------------------------------------------------------------------
 t_rest=$(( $(left) - 12 ))
-# the kernel tests first (they are what only a GPU can check), the harness's own GPU test last
-TEST_ORDER=("$ROOT/tests/test_triton_gpu.py" "$ROOT/tests/test_cuda_backend.py")
+# the kernel tests first (they are what only a GPU can check; the CUDA backend's need no compiles), the
+# harness's own GPU test last
+TEST_ORDER=("$ROOT/tests/test_cuda_backend.py" "$ROOT/tests/test_triton_gpu.py")
 for f in "$ROOT"/tests/test_*.py; do
   case "$f" in */test_triton_gpu.py|*/test_cuda_backend.py|*/test_benchmarks.py) ;; *) TEST_ORDER+=("$f") ;; esac
 done
