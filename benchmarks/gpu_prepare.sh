@@ -33,9 +33,17 @@ fi
 command -v nvcc >/dev/null || { echo "gpu_prepare: nvcc is not on PATH: the wheel would have no CUDA backend"; exit 2; }
 SRC=$ROOT
 if [ -n "${REV:-}" ]; then
-  SRC=$(mktemp -d)/src
-  git -C "$ROOT" worktree add --detach "$SRC" "$REV" >/dev/null
-  trap 'git -C "$ROOT" worktree remove --force "$SRC" >/dev/null 2>&1 || true' EXIT
+  # one persistent worktree (ignored build/ folder): checking out the next revision leaves unchanged
+  # files and the CMake build tree in place, so a Python-only change does not recompile the CUDA code
+  SRC=$ROOT/build/gpu_prepare-src
+  rev=$(git -C "$ROOT" rev-parse --verify "$REV^{commit}")
+  if [ ! -e "$SRC/.git" ]; then
+    git -C "$ROOT" worktree prune
+    git -C "$ROOT" worktree add --detach "$SRC" "$rev" >/dev/null
+  else
+    git -C "$SRC" checkout --quiet --detach --force "$rev"
+    git -C "$SRC" clean -fdq    # untracked files go, ignored ones (its build/) stay
+  fi
   echo "gpu_prepare: building $(git -C "$SRC" rev-parse --short HEAD) ($REV) from a clean checkout in $SRC"
 fi
 pyver=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')
