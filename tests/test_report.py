@@ -109,6 +109,55 @@ def test_every_shipped_backward_config_compiles_without_spills():
     shipped = {f"{th}x{tw} c{bc} w{nw}" for th, tw, bc, nw in bwd._GPU_TILE_CONFIGS}
     compiled = {" ".join(r["config"].split()[:3]) for r in got}
     assert shipped <= compiled, shipped - compiled
+    # the step kernel: exactly the configs it runs (the fp32 channel block is capped), per dtype,
+    # for the top and a non-top step, on both archs
+    for dt, es in (("bf16", 2), ("fp32", 4)):
+        runs = {f"{th}x{tw} c{bc} w{nw}" for th, tw, bc, nw in _step_configs_run(bwd, es)}
+        for arch in (80, 90):
+            for kind in ("top", "up="):
+                step = {" ".join(r["config"].split()[:3]) for r in got if r["arch"] == arch
+                        and r["kernel"].startswith(f"bwd_step[{dt}") and kind in r["kernel"]}
+                if dt == "fp32" and kind == "top":
+                    assert step and step <= runs, (dt, arch, step)
+                else:
+                    assert step == runs, (dt, arch, kind, step, runs)
+    # the step kernel's map loads stay 16-byte vectors (the narrow ones: gates, grad_gates)
+    for r in got:
+        if r["kernel"].startswith("bwd_step"):
+            assert r["ldg128"] >= 4 * r["ldg_narrow"], r
+
+
+def _step_configs_run(bwd, esize):
+    """The step kernel's GPU configs as the autotuner runs them: its early prune (kernel sizes
+    passed the Triton 3.6 way, as keyword arguments), then its heuristics."""
+    import torch
+    import triton
+    dout = torch.empty(1, dtype={2: torch.bfloat16, 4: torch.float32}[esize])
+    given = [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_C": bc}, num_warps=nw,
+                           num_stages=bwd._NUM_STAGES) for th, tw, bc, nw in bwd._GPU_TILE_CONFIGS]
+    kept = bwd._bwd_step_kernel.early_config_prune(given, {"dout_ptr": dout}, KOUT=5, KIN=7, TOP=False)
+    return [(c.kwargs["TILE_H"], c.kwargs["TILE_W"],
+             bwd._step_heuristic_block_c({**c.all_kwargs(), "dout_ptr": dout}), c.num_warps)
+            for c in kept]
+
+
+def test_step_configs_are_the_ones_that_run():
+    """The step kernel keeps every tile for every dtype (nothing is pruned for spills any more);
+    fp32 runs at 8 elements of a [TILE, BLOCK_C] tile per thread, 16-bit inputs at 16; the cap is
+    idempotent (prune + heuristics apply it once) and also applies to the unpruned first config
+    that runs when autotuning is off."""
+    import torch
+    bwd = importlib.import_module(BWD)
+    for es in (2, 4):
+        runs = _step_configs_run(bwd, es)
+        assert [c[:2] + c[3:] for c in runs] == [c[:2] + c[3:] for c in bwd._GPU_TILE_CONFIGS]
+        for th, tw, bc, nw in runs:
+            assert th * tw * bc == (16 if es == 2 else 8) * 32 * nw, (es, th, tw, bc, nw)
+    assert _step_configs_run(bwd, 2) == [tuple(c) for c in bwd._GPU_TILE_CONFIGS]
+    th, tw, bc, nw = bwd._GPU_TILE_CONFIGS[0]
+    args = {"TILE_H": th, "TILE_W": tw, "BLOCK_C": bc, "num_warps": nw}
+    assert bwd._step_heuristic_block_c({**args, "dout_ptr": torch.empty(1)}) == bc // 2
+    assert bwd._step_heuristic_block_c({**args, "dout_ptr": torch.empty(1, dtype=torch.float16)}) == bc
 
 
 def test_one_pixel_maps_compile_for_sm90():

@@ -333,7 +333,11 @@ def _bwd_step_kernel(x_ptr, sxb, sxh, sxw, sxc,          # x_l (ctx with its str
                      KOUT: tl.constexpr, KIN: tl.constexpr, TOP: tl.constexpr,
                      TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
                      EVEN_C: tl.constexpr):
-    """Backward of level LEVEL for the tiles row, row+R, ... (R = number of programs)."""
+    """Backward of level LEVEL for the tiles row, row+R, ... (R = number of programs).
+
+    kz is always 0 (as in the forward's local kernel): the tap loops run to `K + kz`, a bound the
+    compiler cannot see, so they are not fully unrolled; fully unrolled (25..225 taps per loop, three
+    loops) ptxas 12.8 (Triton 3.6) hoisted loads until the non-top steps spilled 16-32 B."""
     TILE: tl.constexpr = TILE_H * TILE_W
     KK: tl.constexpr = KOUT * KOUT
     P: tl.constexpr = KOUT // 2
