@@ -40,6 +40,12 @@ def _committed(root: Path) -> Optional[set]:
 
 def find_latest(results_dir: Path, *, committed_only: bool = True) -> Tuple[Optional[Path], List[str]]:
     """(path of the latest real GPU results.json, notes)."""
+    runs, notes = find_runs(results_dir, committed_only=committed_only)
+    return (runs[0] if runs else None), notes
+
+
+def find_runs(results_dir: Path, *, committed_only: bool = True) -> Tuple[List[Path], List[str]]:
+    """(paths of the real GPU results.json files, newest first; notes)."""
     notes: List[str] = []
     files = sorted(results_dir.glob("*/results.json"))
     if committed_only:
@@ -49,7 +55,7 @@ def find_latest(results_dir: Path, *, committed_only: bool = True) -> Tuple[Opti
             notes.append("git could not list committed files: considering every results file")
         else:
             files = [f for f in files if f.resolve() in tracked]
-    best, best_key = None, None
+    runs = []
     for f in files:
         try:
             res = json.loads(f.read_text())
@@ -58,10 +64,8 @@ def find_latest(results_dir: Path, *, committed_only: bool = True) -> Tuple[Opti
             continue
         if not _is_real_gpu(res):
             continue
-        key = (res.get("env", {}).get("date") or "", f.parent.name)
-        if best_key is None or key > best_key:
-            best, best_key = f, key
-    return best, notes
+        runs.append(((res.get("env", {}).get("date") or "", f.parent.name), f))
+    return [f for _, f in sorted(runs, reverse=True)], notes
 
 
 def _num(v: Optional[float], spec: str = ",.0f") -> str:
@@ -234,26 +238,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="folder of runs (default: benchmarks/results of the repository)")
     p.add_argument("--any", action="store_true", help="consider uncommitted results files too")
     p.add_argument("--write", type=Path, metavar="README.md", help="replace the marked block in this file")
+    p.add_argument("--runs", type=int, default=2,
+                   help="how many of the newest runs to render, newest first (default 2: a run that measured a "
+                        "subset after a change stands above the broader one before it)")
     args = p.parse_args(argv)
     if args.json:
-        path = args.json
+        paths = [args.json]
     else:
         from benchmarks.common import default_results_root
         results = args.results or default_results_root()
-        path, notes = find_latest(results, committed_only=not args.any and args.results is None)
+        paths, notes = find_runs(results, committed_only=not args.any and args.results is None)
         for n in notes:
             print(f"readme_table: {n}", file=sys.stderr)
-        if path is None:
+        if not paths:
             print(f"readme_table: no GPU results JSON under {results} "
                   f"({'committed ' if not args.any and args.results is None else ''}runs of the GPU suite, "
                   "not --dry-run)", file=sys.stderr)
             return 1
-    res = json.loads(Path(path).read_text())
-    try:
-        rel = Path(path).resolve().relative_to(Path.cwd().resolve())
-    except ValueError:
-        rel = Path(path)
-    block = render(res, source=str(rel))
+        paths = paths[:max(1, args.runs)]
+    blocks = []
+    for i, path in enumerate(paths):
+        res = json.loads(Path(path).read_text())
+        try:
+            rel = Path(path).resolve().relative_to(Path.cwd().resolve())
+        except ValueError:
+            rel = Path(path)
+        block = render(res, source=str(rel))
+        blocks.append(block if i == 0 else f"**The run before it** (older code: the commit that added its folder says which):\n\n{block}")
+    block = "\n".join(blocks)
     print(block)
     if args.write:
         text = args.write.read_text()

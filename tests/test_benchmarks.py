@@ -232,6 +232,20 @@ def test_readme_table_shows_every_fused_kernel_and_the_best(tmp_path, capsys):
     assert "| FocalNet-T SRF | 900 | 1,200 | 1,350 | 1.50× | 9.00 GiB | 5.00 GiB |" in md, md
 
 
+def test_readme_table_renders_the_newest_runs_newest_first(tmp_path, capsys):
+    results = tmp_path / "results"
+    _write_run(results, "20250101-000000-nvidia-h100-80gb-hbm3", _sample_results("2025-01-01T00:00:00+00:00"))
+    newer = _sample_results("2025-01-03T00:00:00+00:00")
+    newer["inference"] = newer["inference"][:2]
+    _write_run(results, "20250103-000000-nvidia-h100-80gb-hbm3", newer)
+    assert readme_table.main(["--results", str(results)]) == 0
+    md = capsys.readouterr().out
+    i, j = md.index("2025-01-03"), md.index("2025-01-01")
+    assert i < j and "The run before it" in md[i:j + 200], md
+    assert readme_table.main(["--results", str(results), "--runs", "1"]) == 0
+    assert "2025-01-01" not in capsys.readouterr().out
+
+
 def test_readme_table_without_gpu_results(tmp_path):
     results = tmp_path / "results"
     _write_run(results, "x-dryrun", _sample_results("2025-01-02T00:00:00+00:00", dry_run=True))
