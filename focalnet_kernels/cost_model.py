@@ -993,7 +993,7 @@ def predict(backend, direction, shape, kernel_sizes, dtype, arch=90) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# CUDA backend (forward): the planner of csrc/cuda/focal_context_cuda.cu (commit e6f114f) in
+# CUDA backend (forward): the planner of csrc/cuda/focal_context_cuda.cu (as of issue 11's GELU change) in
 # Python, the cubin compiled with `nvcc -cubin -lineinfo -arch sm_90` (not the extension build:
 # its cubins carry no line info), SASS loops mapped to the C++ `for` statements by line info.
 # ----------------------------------------------------------------------------------------------
@@ -1009,39 +1009,80 @@ def _vblock(k):
     return 4 if k <= 3 else 8
 
 
-def _fused_geom(ks, H, W, th, tw):
-    """fused_geom() of the planner: the segment's tile geometry and shared memory (forward)."""
+_FV, _FV_SHORT, _PSLOTS = 8, 4, 16
+_COST_GELU_STORE, _COST_PASS, _COST_ITEM = 16.0, 5.0, 24.0
+
+
+def _tile_wp(tw):
+    return 8 if tw <= 8 else (16 if tw <= 16 else 32)
+
+
+def _seg_level_cost(g, j, V):
+    """seg_level_cost() of the planner: level j's strips of V outputs (taps, row loads, per-item
+    overhead, GELU and store per output), per thread-channel and tile."""
+    k = g["ks"][j]
+    orows, ocols = g["TH"] + 2 * g["R"][j + 1], g["TW"] + 2 * g["R"][j + 1]
+    outs = (-(-orows // _GPW) * _GPW) * (-(-ocols // V) * V)
+    return outs * ((k * k + k * (V + k - 1) / V) * (1.0 if g["kfix"] else _COST_GENERIC) + _COST_GELU_STORE
+                   + _COST_ITEM / V)
+
+
+def _fused_geom(ks, H, W, th, tw, budget=None):
+    """fused_geom() of the planner: the segment's tile geometry, strip lengths (vmask) and shared
+    memory (forward)."""
+    budget = _SMEM_BUDGET if budget is None else budget
     nl = len(ks)
     kfix = (nl, tuple(ks)) in _FUSED_SPECS
     TH, TW = min(th, H), min(tw, W)
+    if TW > 32 or TH * _tile_wp(TW) > 32 * _PSLOTS:
+        return None
     R = [0] * (nl + 1)
     for j in range(nl - 1, -1, -1):
         R[j] = R[j + 1] + ks[j] // 2
-    sizeA = sizeB = 0
+    g = {"TH": TH, "TW": TW, "R": R, "kfix": kfix, "ks": list(ks)}
+    vmask = 0
     for j in range(nl):
-        V = _vblock(ks[j] if kfix else _KMAX_ALL)
-        rows, cols, ocols = TH + 2 * R[j], TW + 2 * R[j], TW + 2 * R[j + 1]
-        nchunk = _cdiv(ocols, V)
-        pitch = max(cols, nchunk * V + ks[j] - 1) | 1
-        sz = rows * pitch * _CB
+        if _seg_level_cost(g, j, _FV_SHORT) < _seg_level_cost(g, j, _FV):
+            vmask |= 1 << j
+    V = [(_FV_SHORT if (vmask >> j) & 1 else _FV) for j in range(nl)]
+    sizeA = sizeB = 0
+    pitch = [0] * (nl + 1)
+    for j in range(nl + 1):
+        rows, cols = TH + 2 * R[j], TW + 2 * R[j]
+        pt = cols
+        if j < nl:
+            pt = max(pt, _cdiv(TW + 2 * R[j + 1], V[j]) * V[j] + ks[j] - 1)
+        if j > 0:
+            pt = max(pt, _cdiv(cols, V[j - 1]) * V[j - 1])
+        pt |= 1
+        pitch[j] = pt
+        sz = rows * pt * _CB
         if j & 1:
             sizeB = max(sizeB, sz)
         else:
             sizeA = max(sizeA, sz)
     accP = TW | 1
+    offA, offB = 0, sizeA
     off = sizeA + sizeB + sum(k * k * _CB for k in ks)
-    off += -(-(nl * TH * accP) // 4) * 4 + TH * accP * _CB + _NT
-    g = {"TH": TH, "TW": TW, "R": R, "smem": off * 4, "ntiles": _cdiv(H, TH) * _cdiv(W, TW), "kfix": kfix,
-         "ks": list(ks)}
-    return g if g["smem"] <= _SMEM_BUDGET else None
+    offG = off
+    off += -(-(nl * TH * accP) // 4) * 4
+    off += _NT
+    twp = _tile_wp(TW)
+    rows_max = _PSLOTS * (32 // twp)
+    for j in range(1, nl + 1):
+        start = offB if j & 1 else offA
+        off = max(off, start + ((rows_max + R[j]) * pitch[j] + twp + R[j]) * _CB)
+    off = max(off, offG + nl * TH * accP + rows_max * accP + twp)
+    g.update({"smem": off * 4, "ntiles": _cdiv(H, TH) * _cdiv(W, TW), "vmask": vmask, "V": V, "pitch": pitch})
+    return g if g["smem"] <= budget else None
 
 
 def _fused_cost(g, H, W):
+    """fused_cost() of the planner."""
     per_tile = _COST_PER_TILE
-    for j, k in enumerate(g["ks"]):
-        V = _vblock(k if g["kfix"] else _KMAX_ALL)
-        orows, ocols = g["TH"] + 2 * g["R"][j + 1], g["TW"] + 2 * g["R"][j + 1]
-        per_tile += k * k * (-(-orows // _GPW) * _GPW) * (-(-ocols // V) * V) * (1.0 if g["kfix"] else _COST_GENERIC)
+    for j in range(len(g["ks"])):
+        per_tile += _seg_level_cost(g, j, g["V"][j])
+        per_tile += _COST_PASS * g["TH"] * _tile_wp(g["TW"])
     per_tile += _COST_STAGE_BYTE * 4.0 * (g["TH"] + 2 * g["R"][0]) * (g["TW"] + 2 * g["R"][0])
     return per_tile * g["ntiles"] / (H * W)
 
@@ -1082,14 +1123,15 @@ def cuda_plan_fwd(shape, ks):
 
 
 def _cpp_fors(text, unrolled=False):
-    """[(header line, end line, header text)] of every C++ `for` statement of a source text
-    (without those under `#pragma unroll`, which are no SASS loops, unless `unrolled`)."""
+    """[(header line, end line, header text)] of every C++ `for` and `while` statement of a source
+    text (without those under `#pragma unroll` -- not `unroll 1` --, which are no SASS loops,
+    unless `unrolled`)."""
     out = []
     lines = text.splitlines()
-    for m in re.finditer(r"\bfor\s*\(", text):
+    for m in re.finditer(r"\b(?:for|while)\s*\(", text):
         ln = text.count("\n", 0, m.start())
         prev = next((lines[i].strip() for i in range(ln - 1, -1, -1) if lines[i].strip()), "")
-        if prev.startswith("#pragma unroll") and not unrolled:
+        if prev.startswith("#pragma unroll") and prev.split() != ["#pragma", "unroll", "1"] and not unrolled:
             continue
         i, depth = m.end() - 1, 0
         while i < len(text):
@@ -1119,10 +1161,12 @@ def _cpp_fors(text, unrolled=False):
 _CUDA_TRIPS = [
     (r"int j = 0; j < nl; \+\+j", lambda ns: ns["nl"]),
     (r"idx < kk \* CB; idx \+= NT", lambda ns: ns["kk_mean"] * _CB / _NT),
+    (r"tap = tid / CB; tap < kk; tap \+= NGRP", lambda ns: ns["kk_mean"] / _NGRP),
+    (r"while \(r < rows\)", lambda ns: ns["stage_n"] / _NT),
     (r"idx < nl \* tpos; idx \+= NT", lambda ns: ns["nl"] * ns["tpos"] / _NT),
     (r"pos < tpos; pos \+= NT", lambda ns: ns["tpos"] / _NT),
     (r"idx = threadIdx.x; idx < n; idx \+= NT", lambda ns: ns["stage_n"] / _NT),
-    (r"it = warp; it < nitems; it \+= NWARP", lambda ns: ns["nitems"].pop(0) / _NWARP),
+    (r"it = warp; it < nitems; it \+= NWARP", lambda ns: ns["nitems"].pop(0) / _NWARP if ns["nitems"] else 0.0),
     (r"g < NGRP", lambda ns: _NGRP),
     (r"t = 0; t < ntiles", lambda ns: ns["ntiles"]),
     (r"idx < n; idx \+= \(int64_t\)gridDim.x \* NT", lambda ns: ns["grid_trips"]),
@@ -1231,6 +1275,29 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
                 lp.trips = float(fn(ns))
                 lp.how = f"{lp.source[0]}:{lp.source[1]} {hdr} = {lp.trips:.3g}"
                 break
+    # conv item loops of the fused forward: per level one loop per strip length (FV, FV_SHORT;
+    # the planner's vmask picks one at run time), in level order; the one with more FFMA per trip
+    # is the FV strip. ns["levels"]: [(items with FV strips, items with FV_SHORT strips, V picked)]
+    levels = ns.get("levels")
+    if levels is not None:
+        conv = [i for i in sorted(range(len(loops)), key=lambda i: loops[i].start)
+                if loops[i].source and "it = warp" in fors[loops[i].source][1]]
+
+        def ffma(i):
+            return sum(1 for x in _own(instrs, loops, i) if x.cls == "ffma")
+
+        if len(conv) == 2 * len(levels):
+            for j, (n8, n4, v) in enumerate(levels):
+                a, b = conv[2 * j], conv[2 * j + 1]
+                i8, i4 = (a, b) if ffma(a) >= ffma(b) else (b, a)
+                loops[i8].trips = n8 / _NWARP if v == _FV else 0.0
+                loops[i4].trips = n4 / _NWARP if v == _FV_SHORT else 0.0
+                for i, vv in ((i8, _FV), (i4, _FV_SHORT)):
+                    loops[i].how = re.sub(r" = [^ ]+$", "", loops[i].how) + \
+                        f" = {loops[i].trips:.3g} (level {j}, V={vv}{'' if vv == v else ': not taken'})"
+        else:
+            for i in conv:
+                loops[i].how += f" (UNMATCHED: {len(conv)} conv loops for {len(levels)} levels)"
     for (par, key), idxs in groups.items():
         if len(idxs) < 2 or "it = warp" in fors[key][1]:
             continue
@@ -1325,15 +1392,17 @@ def _cuda_predict(direction, shape, ks, dtype):
         spec = (nl, tuple(seg_ks)) in _FUSED_SPECS
         targs = "".join(f"Li{v}E" for v in ([nl] + seg_ks + [0] * (4 - nl))) if spec else "Li0ELi0ELi0ELi0ELi0E"
         name = _cuda_fn_name(cub["sass"], "fc_fused_kernel" + tname + targs)
-        nitems = []
+        nitems, levels = [], []
         for j, k in enumerate(seg_ks):
-            V = _vblock(k if spec else _KMAX_ALL)
             orows, ocols = g["TH"] + 2 * g["R"][j + 1], g["TW"] + 2 * g["R"][j + 1]
-            nitems.append(_cdiv(orows, _GPW) * _cdiv(ocols, V))
+            n8, n4 = (_cdiv(orows, _GPW) * _cdiv(ocols, V) for V in (_FV, _FV_SHORT))
+            levels.append((n8, n4, g["V"][j]))
+            nitems.append(n4 if g["V"][j] == _FV_SHORT else n8)
         rows0, cols0 = g["TH"] + 2 * g["R"][0], g["TW"] + 2 * g["R"][0]
         blocks = B * g["ntiles"] * cbl
         ns = {"nl": nl, "kk_mean": sum(k * k for k in seg_ks) / nl, "tpos": g["TH"] * g["TW"],
               "stage_n": rows0 * cols0, "nitems": nitems, "ntiles": g["ntiles"], "grid_trips": 1.0,
+              "levels": levels if spec else None,
               "config": f"{g['TH']}x{g['TW']} tile, segment k={','.join(map(str, seg_ks))}"}
         src_es = es if g["l0"] == 0 else 4
         hbm = npix * (C * src_es + _gate_bytes_per_pixel(L, es) + C * es) + B * g["ntiles"] * C * 4

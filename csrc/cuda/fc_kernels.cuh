@@ -56,6 +56,15 @@ namespace fcc {
 // What remains is mostly GELU and halo: 5.5 conv outputs per element (28x14 tile + halo 5/3/0,
 // strips rounded), each ~25 instructions of GELU, i.e. ~135 of the 523; taps 133 FFMA (83 without
 // the halo).
+//   GELU as 2^P(|x|) (gelu_f in fc_device.cuh: 8 FFMA + MUFU.EX2 + 4, instead of erff): counted
+//   by the cost model (python -m focalnet_kernels.cost_model; its per-class counts of this kernel,
+//   all blocks' warp-instructions x 32 / elements, an upper bound of the above method: it counts
+//   conditional blocks inside loops as taken), before -> after: total 659.7 -> 585.0 = FFMA
+//   169.8 -> 175.2 (the polynomial), other fp (FSETP/FSEL/FMNMX...) 63.6 -> 14.8, FMUL 23.0 -> 6.7,
+//   FADD 17.4 -> 12.0, int 209.2 -> 200.9, MUFU 6.7 -> 6.7, LDS 77.3, moves 40.4 -> 40.5,
+//   control 20.9, HFMA2 3.9 -> 3.0; i.e. ~75 fewer per element (~14 per conv output), so ~523 ->
+//   ~450 by the hand count above. 128 registers (sm_90; 127 sm_80), 0 spills, 74.6 KB smem;
+//   predicted kernel time 1.527 -> 1.354 ms (issue-bound; + 0.172 ms epilogue).
 // ==========================================================================================
 struct FusedParams {
   int64_t B, H, W, C;
