@@ -173,7 +173,10 @@ PYTEST=($PY -m pytest -q -p no:cacheprovider -p benchmarks.pytest_deadline --roo
 # ---- 1. smoke tests ------------------------------------------------------------------------------
 t_smoke=$(clamp $(( $(left) - 60 )) 20 "$SMOKE_SECONDS")
 say "smoke: pytest -m 'gpu and smoke' (at most ${t_smoke}s)"
-( cd "$OUT" && FOCALNET_TEST_DEADLINE=$(( $(date +%s) + t_smoke - 10 )) timeout -k 10 "$t_smoke" \
+# pinned Triton configs (FOCALNET_TRITON_AUTOTUNE=0): the second H100 run spent this tier's whole
+# budget autotuning the Triton backward inside one test and was killed (no junit); the benchmark
+# autotunes and checks each case's error. No test starts in the last third of the tier's time.
+( cd "$OUT" && FOCALNET_TRITON_AUTOTUNE=0 FOCALNET_TEST_DEADLINE=$(( $(date +%s) + t_smoke * 2 / 3 )) timeout -k 10 "$t_smoke" \
     "${PYTEST[@]}" -m "gpu and smoke" --junitxml="$WORK/junit-smoke.xml" "$ROOT/tests" ) > "$OUT/pytest-gpu.log" 2>&1
 smoke_rc=$?
 tail -n 15 "$OUT/pytest-gpu.log"
