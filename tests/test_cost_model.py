@@ -155,8 +155,17 @@ def test_loop_trip_counts_on_a_tiny_kernel(tmp_path):
     # (LLVM unrolls the inner `b` loop: a peeled iteration, an x4 loop, an x2 block, an x1 loop)
     assert (0, "kern:18", 8) in got and (1, "_inner:8", 3) in got and (0, "_inner:8", 5) in got, got
     assert all(src.startswith("_inner:9") for d, src, t in got if d >= 1 and src != "_inner:8"), got
-    # one FFMA per tap per element (128 elements / 128 threads): 8 * 3*3 + 5*5
-    assert r["ffma"] == pytest.approx(8 * 9 + 25, rel=0.02)
+    # one FFMA per tap per element (128 elements / 128 threads): 8 * 3*3 + 5*5. Triton 3.6's LLVM
+    # leaves no conditional FFMA in the `a` loop body and the count is exact; Triton 3.9's unrolling
+    # leaves one branch-guarded FFMA per `a` iteration beside the peeled ones, which the model counts
+    # as executed (docs/cost-model.md, limits: both sides of a branch count), one per `a` iteration
+    # too many (8 * 3 + 5 = 29): the count is an upper bound by at most that
+    import triton
+    exact = 8 * 9 + 25
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):
+        assert r["ffma"] == pytest.approx(exact, rel=0.02)
+    else:
+        assert exact * 0.98 <= r["ffma"] <= exact + 8 * 3 + 5, r["ffma"]
 
 
 ROW_KEYS = {"backend", "direction", "shape", "kernel_sizes", "dtype", "predicted_ms", "floor_ms", "bound", "auto",
