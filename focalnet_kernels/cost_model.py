@@ -45,6 +45,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .report import _width  # bytes per thread of a memory opcode ('LDG.E.128' -> 16)
+
 # ----------------------------------------------------------------------------------------------
 # H100 SXM5 parameters: the ONE table every number below comes from.
 # ----------------------------------------------------------------------------------------------
@@ -116,18 +118,6 @@ _CONV = {"F2F", "F2I", "I2F", "F2FP", "I2FP", "F2IP", "FRND", "I2I"}
 _CTRL = {"BRA", "EXIT", "BSSY", "BSYNC", "CALL", "RET", "WARPSYNC", "BREAK", "BRX", "JMP", "YIELD",
          "BMOV", "KILL", "NANOSLEEP"}
 _BAR = {"BAR", "MEMBAR", "DEPBAR", "ERRBAR", "CCTL", "FENCE"}
-
-
-def _width(op: str) -> int:
-    """Bytes per thread of a memory opcode ('LDG.E.128' -> 16, 'LDS.U16' -> 2, default 4)."""
-    for p in op.split(".")[1:]:
-        if p in ("128", "64"):
-            return int(p) // 8
-        if p in ("U8", "S8"):
-            return 1
-        if p in ("U16", "S16", "16"):
-            return 2
-    return 4
 
 
 def classify(text: str) -> Tuple[str, str, int]:

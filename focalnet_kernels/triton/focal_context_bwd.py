@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ..reference import gelu_grad
-from .focal_context_fwd import (_INTERPRET, _check_grid, _gelu, _launch as _fwd_launch,
+from .focal_context_fwd import (_INTERPRET, _check_grid, _const_ones, _gelu, _launch as _fwd_launch,
                                  _ctx_align, _size_class, device_guard)
 
 # kernel side: jit functions may only read constexpr globals
@@ -555,17 +555,6 @@ def _valign(dt):
     return 4 if dt == "*fp32" else 8  # one 16-byte vector in elements
 
 
-def _ones(entry, names, tag):
-    """The same entry with the integer arguments `names` given as the constant 1 (what Triton made
-    of an argument equal to 1 before they were unspecialised): H = 1, W = 1, H = W = 1 maps."""
-    e = dict(entry, signature={k: v for k, v in entry["signature"].items() if k not in names},
-             constexprs={**entry["constexprs"], **{n: 1 for n in names}},
-             attrs={k: v for k, v in entry["attrs"].items() if k not in names})
-    e["name"] = entry["name"][:-1] + f" {tag}]"
-    e["archs"] = (90,)
-    return e
-
-
 def _report_global(dt):
     sig = {"dout_ptr": dt, "g_ptr": dt, "pooled_ptr": "*fp32", "gg_ptr": dt, "dpart_ptr": "*fp32"}
     sig.update({n: "i32" for n in ("sdb", "sdh", "sdw", "sdc", "sgb", "sgh", "sgw", "sgc", "H", "W", "C",
@@ -648,7 +637,7 @@ def _report_kernels():
     # never produce it now that H and W are unspecialised; H = W = 1 compiled spill-free)
     for e in (_report_global("*bf16"), _report_dwconv("*bf16", base, 3, False),
               _report_dwconv("*bf16", base, 3, True)):
-        out += [_ones(e, ("H", "W"), "H=W=1"), _ones(e, ("H",), "H=1"), _ones(e, ("W",), "W=1")]
+        out += [_const_ones(e, ("H", "W"), "H=W=1"), _const_ones(e, ("H",), "H=1"), _const_ones(e, ("W",), "W=1")]
     return out
 
 
