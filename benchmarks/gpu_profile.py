@@ -33,8 +33,7 @@ METRICS = [
 MARKER = "spin_kernel"  # torch.cuda._sleep's kernel
 
 
-def _phases(B, H, W, C, ks):
-    return [(b, d) for b in ("triton", "cuda") for d in ("fwd", "bwd")]
+PHASES = [(b, d) for b in ("triton", "cuda") for d in ("fwd", "bwd")]  # run order, marker-separated
 
 
 def run(B: int, H: int, W: int, C: int, ks: List[int]) -> None:
@@ -64,7 +63,7 @@ def run(B: int, H: int, W: int, C: int, ks: List[int]) -> None:
             del launch[name]
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
-    for name, direction in _phases(B, H, W, C, ks):
+    for name, direction in PHASES:
         if name not in launch:
             continue
         torch.cuda._sleep(1000)
@@ -75,7 +74,7 @@ def run(B: int, H: int, W: int, C: int, ks: List[int]) -> None:
             bwd(gout, ctx, gates, weights, state[name], False)
         torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    ran = [f"{b}:{d}" for b, d in _phases(B, H, W, C, ks) if b in launch]
+    ran = [f"{b}:{d}" for b, d in PHASES if b in launch]
     print(f"gpu_profile: ran {', '.join(ran)} at B={B} {H}x{W}x{C} k={ks} bf16", file=sys.stderr)
     print(f"gpu_profile phases: {','.join(ran)}")  # the parser labels the CSV's segments with these
 
@@ -102,7 +101,7 @@ def parse(text: str, B: int, H: int, W: int, C: int, ks: List[int]) -> str:
             phases.append([])
         elif phases:
             phases[-1].append(r)
-    names = [f"{b}:{d}" for b, d in _phases(B, H, W, C, ks)]
+    names = [f"{b}:{d}" for b, d in PHASES]
     for ln in text.splitlines():  # the phases that ran, as run() printed them (a backend may be missing)
         if ln.startswith("gpu_profile phases: "):
             names = ln.split(": ", 1)[1].strip().split(",")
