@@ -8,15 +8,14 @@ CPU tensors -> the native CPU kernel when built, else Triton when TRITON_INTERPR
 """
 from __future__ import annotations
 
-import collections
 import os
-import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from . import reference
+from .dispatch import backend_calls, count_call, forced_backend, warn_once  # noqa: F401 (ops.backend_calls)
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -37,18 +36,6 @@ _CUDA_PREFERENCE: dict = {
 }
 # cuda-preference:end
 _CUDA_DEFAULT = "cuda"
-
-#: How many times each backend ran, per direction: tests use it to prove the fast path ran.
-backend_calls: "collections.Counter[str]" = collections.Counter()
-
-_warned: set = set()
-
-
-def _warn_once(key, msg):
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
-
 
 # --------------------------------------------------------------------------------------------
 # availability
@@ -85,14 +72,6 @@ def _supported_by_kernels(ctx: Tensor, ksizes: Sequence[int]) -> Optional[str]:
     return None
 
 
-def forced_backend(var: str, choices: Sequence[str]) -> str:
-    """The backend environment variable `var`, read now: one of `choices` ("auto" when unset or empty)."""
-    forced = os.environ.get(var, "auto").strip().lower() or "auto"
-    if forced not in choices:
-        raise ValueError(f"{var}={forced!r} is not one of {', '.join(choices)}")
-    return forced
-
-
 def select_backend(ctx: Tensor, ksizes: Sequence[int]) -> str:
     """The backend a call with these inputs runs on (reads FOCALNET_KERNELS_BACKEND now)."""
     forced = forced_backend("FOCALNET_KERNELS_BACKEND", BACKENDS)
@@ -120,7 +99,7 @@ def select_backend(ctx: Tensor, ksizes: Sequence[int]) -> str:
         return forced
     if unsupported:
         if ctx.dtype != torch.float64:  # float64 is the tests' oracle dtype: reference on purpose
-            _warn_once(("unsupported", unsupported),
+            warn_once(("unsupported", unsupported),
                        f"focal_context: no fused kernel for {unsupported}; using the eager reference")
         return "reference"
     if dev == "cuda":
@@ -130,7 +109,7 @@ def select_backend(ctx: Tensor, ksizes: Sequence[int]) -> str:
                 return "triton"
             if name == "cuda" and _native_available("cuda"):
                 return "cuda"
-        _warn_once("no-cuda-backend", "focal_context: neither triton nor the CUDA extension is "
+        warn_once("no-cuda-backend", "focal_context: neither triton nor the CUDA extension is "
                    "available for CUDA tensors; using the eager reference")
         return "reference"
     if dev == "cpu":
@@ -138,10 +117,10 @@ def select_backend(ctx: Tensor, ksizes: Sequence[int]) -> str:
             return "cpu"
         if _interpret() and triton_available():
             return "triton"
-        _warn_once("no-cpu-backend", "focal_context: the CPU kernel of focalnet_kernels._C is not "
+        warn_once("no-cpu-backend", "focal_context: the CPU kernel of focalnet_kernels._C is not "
                    "built; using the eager reference")
         return "reference"
-    _warn_once(("device", dev), f"focal_context: no kernel for {dev} tensors; using the eager reference")
+    warn_once(("device", dev), f"focal_context: no kernel for {dev} tensors; using the eager reference")
     return "reference"
 
 
@@ -173,7 +152,7 @@ def focal_context_fwd(ctx: Tensor, gates: Tensor, kernels: List[Tensor], normali
         pooled = torch.full((B, C), float("nan") if B * C else 0.0, dtype=torch.float32, device=ctx.device)
         return ctx.new_zeros((B, H, W, C)), pooled
     name = select_backend(ctx, [k.shape[-1] for k in kernels])
-    backend_calls[name + ":fwd"] += 1
+    count_call(name + ":fwd")
     fwd, _ = _backend_fns(name)
     return fwd(ctx, gates, _backend_weights(name, ctx, kernels), normalize)
 
@@ -193,7 +172,7 @@ def focal_context_bwd(grad_out: Tensor, ctx: Tensor, gates: Tensor, kernels: Lis
                 torch.zeros_like(gates, memory_format=torch.contiguous_format),
                 [torch.zeros_like(k) for k in kernels])
     name = select_backend(ctx, [k.shape[-1] for k in kernels])
-    backend_calls[name + ":bwd"] += 1
+    count_call(name + ":bwd")
     _, bwd = _backend_fns(name)
     grad_ctx, grad_gates, grad_w = bwd(grad_out, ctx, gates, _backend_weights(name, ctx, kernels), pooled, normalize)
     grad_k = [gw.reshape(k.shape).to(k.dtype) for gw, k in zip(grad_w, kernels)]

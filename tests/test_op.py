@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import focalnet_kernels as fk
-from focalnet_kernels import ops
+from focalnet_kernels import dispatch, ops
 from conftest import kernel_backends, rel_err
 
 
@@ -110,7 +110,7 @@ def test_forcing_impossible_backend_raises(monkeypatch, name):
 
 def test_unsupported_config_warns_once_and_falls_back(monkeypatch):
     monkeypatch.delenv("FOCALNET_KERNELS_BACKEND", raising=False)
-    monkeypatch.setattr(ops, "_warned", set())
+    monkeypatch.setattr(dispatch, "_warned", set())
     _, ctx, gates, _ = _inputs(ks=(3,))
     ks = [torch.randn(ctx.shape[-1], 1, 17, 17)]  # kernel 17 > 15: valid, but no fused kernel
     before = ops.backend_calls["reference:fwd"]
@@ -128,3 +128,17 @@ def test_build_info_reports_backends():
     info = fk.build_info()
     assert info["version"]
     assert isinstance(info["backends"], list)
+
+
+def test_one_call_counter_shared_by_both_dispatchers(backend):
+    """ops.backend_calls, focalnet_kernels.backend_calls and linear's counter are one object."""
+    assert ops.backend_calls is fk.backend_calls is dispatch.backend_calls
+    backend("reference")
+    _, ctx, gates, ks = _inputs()
+    before = dict(fk.backend_calls)
+    fk.focal_context(ctx, gates, ks)
+    fk.linear(torch.randn(3, 4), torch.randn(5, 4))
+    after = fk.backend_calls
+    assert after["reference:fwd"] == before.get("reference:fwd", 0) + 1
+    assert sum(after[k] for k in after if k.startswith("linear:")) == \
+        sum(v for k, v in before.items() if k.startswith("linear:")) + 1
