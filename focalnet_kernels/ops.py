@@ -9,6 +9,7 @@ CPU tensors -> the native CPU kernel when built, else Triton when TRITON_INTERPR
 from __future__ import annotations
 
 import os
+import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -206,23 +207,41 @@ focal_context_fwd.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------
+def _type_name(x) -> str:
+    """The type of x as the user knows it: `int`, `numpy.int64`, `torch.Tensor`."""
+    t = type(x)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
 def _check_tensor(name: str, t, ndim: int) -> None:
     if not isinstance(t, Tensor):
-        raise TypeError(f"focal_context: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"focal_context: `{name}` must be a torch.Tensor, got {_type_name(t)}")
+    if t.layout != torch.strided:  # sparse COO/CSR/..., mkldnn: the kernels read strided memory
+        raise TypeError(f"focal_context: `{name}` must be a dense (strided) tensor, got layout {t.layout}")
     if not t.is_floating_point():
         raise TypeError(f"focal_context: `{name}` must be a floating-point tensor, got dtype {t.dtype}")
     if t.dim() != ndim:
         raise ValueError(f"focal_context: `{name}` must have {ndim} dimensions, got shape {tuple(t.shape)}")
 
 
-def validate(ctx, gates, kernels, normalize) -> None:
-    """Raise TypeError/ValueError naming the offending argument."""
+def _as_bool(normalize) -> bool:
+    """normalize as a Python bool: a bool, or a numpy.bool_ (its type is named "bool" too)."""
+    if isinstance(normalize, bool):
+        return normalize
+    np = sys.modules.get("numpy")  # a numpy.bool_ exists only if numpy was imported
+    if np is not None and isinstance(normalize, np.bool_):
+        return bool(normalize)
+    raise TypeError(f"focal_context: `normalize` must be a bool or numpy.bool_, got {_type_name(normalize)}")
+
+
+def validate(ctx, gates, kernels, normalize) -> bool:
+    """Raise TypeError/ValueError naming the offending argument; returns normalize as a Python bool."""
     _check_tensor("ctx", ctx, 4)
     if ctx.dtype not in KERNEL_DTYPES + (torch.float64,):
         raise TypeError(f"focal_context: `ctx` dtype must be float32, float16, bfloat16 or float64, got {ctx.dtype}")
     if isinstance(kernels, Tensor) or not isinstance(kernels, (list, tuple)):
         raise TypeError("focal_context: `kernels` must be a list or tuple of L depthwise weights [C,1,k,k], "
-                        f"got {type(kernels).__name__}")
+                        f"got {_type_name(kernels)}")
     L = len(kernels)
     if L < 1:
         raise ValueError("focal_context: `kernels` must hold at least one level (L >= 1), got an empty sequence")
@@ -246,18 +265,21 @@ def validate(ctx, gates, kernels, normalize) -> None:
             raise ValueError(f"focal_context: `kernels[{i}]` size must be odd, got {k.shape[2]}")
         if k.device != ctx.device:
             raise ValueError(f"focal_context: `kernels[{i}]` is on {k.device} but `ctx` is on {ctx.device}")
-    if not isinstance(normalize, bool):
-        raise TypeError(f"focal_context: `normalize` must be a bool, got {type(normalize).__name__}")
+    return _as_bool(normalize)
 
 
 def focal_context(ctx: Tensor, gates: Tensor, kernels: Sequence[Tensor], *, normalize: bool = False) -> Tensor:
     """The focal-context stage of FocalModulation (notes §1), from ctx and the gates through ctx_all.
 
     ctx: B×H×W×C (any strides: a view into the f-projection output, or a channels-first map seen
-    through permute); gates: B×H×W×(L+1), same dtype; kernels: L depthwise weights [C,1,k,k], k odd.
-    Returns ctx_all, B×H×W×C contiguous, in ctx's dtype. Differentiable w.r.t. all three.
+    through permute); gates: B×H×W×(L+1), same dtype; kernels: L depthwise weights [C,1,k,k], k odd,
+    any strides and any floating dtype (used in float32, in float64 when ctx is float64; their
+    gradients come back in their own dtype). All on one device, dense (strided) tensors: a sparse or
+    mkldnn tensor raises TypeError; meta tensors give meta results. normalize: a bool (a numpy.bool_
+    is accepted). Returns ctx_all, B×H×W×C contiguous, in ctx's dtype. Differentiable w.r.t. all
+    three.
     """
-    validate(ctx, gates, kernels, normalize)
+    normalize = validate(ctx, gates, kernels, normalize)
     if _exporting_to_onnx():
         # ONNX has no focal-context operator: export the op as its decomposition into standard ops.
         return reference.focal_context_ref(ctx, gates, kernels, normalize)
