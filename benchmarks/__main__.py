@@ -4,6 +4,7 @@
     focalnet-bench --quick              # GPU: the essentials in < 4 min
     focalnet-bench --dry-run            # the GPU code path with tiny models on CPU tensors (CI)
     focalnet-bench --suite cpu --models focalnet_tiny_lrf,swin_tiny --batch 8
+    focalnet-bench --suite cpu --no-peers   # without the torch.compile / ONNX Runtime group (~3 min less)
 
 Writes results.json (every raw sample, medians, environment), results.png and table.txt under
 benchmarks/results/<timestamp>-<device>/ (or --out DIR) and prints the table.
@@ -28,7 +29,7 @@ FULL_MODELS = ["focalnet_tiny_srf", "focalnet_tiny_lrf", "swin_tiny", "focalnet_
                "swin_small", "focalnet_base_srf", "focalnet_base_lrf", "swin_base"]
 QUICK_MODELS = ["focalnet_tiny_srf", "focalnet_tiny_lrf", "swin_tiny"]
 GPU_BUDGET_S = {"full": 480.0, "quick": 200.0}
-CPU_BUDGET_S = 270.0
+CPU_BUDGET_S = 420.0
 
 
 def _csv(values: Optional[List[str]]) -> List[str]:
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help=f"comma-separated FocalNet modes among {', '.join(FOCAL_MODES)}")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile modes")
     p.add_argument("--no-train", action="store_true", help="skip the training section")
+    p.add_argument("--no-peers", action="store_true",
+                   help="CPU: skip the peers group (torch.compile with freezing, ONNX Runtime)")
     p.add_argument("--op-backends", help="comma-separated focal_context backends of the op section, among "
                    + ", ".join(OP_BACKENDS))
     p.add_argument("--compile-backend", default=None, help=argparse.SUPPRESS)
@@ -105,6 +108,11 @@ def make_config(args: argparse.Namespace, argv: List[str]) -> Config:
         cfg.batches = [4]
         cfg.modes = ["eager", "fused-ctx", "fused"]
         cfg.compile_modes = False
+        # the peers group: FocalNet-T LRF eager / fused beside torch.compile (Inductor, freezing) and ONNX
+        # Runtime of the same eager model (--no-peers drops it, --no-compile its compile member)
+        cfg.peer_modes = ["eager", "fused", "compile", "onnxruntime"]
+        cfg.peer_models = ["focalnet_tiny_lrf"]
+        cfg.compile_est_s = 90.0      # one Inductor compile of FocalNet-T with freezing on 2 cores
         cfg.train = not args.quick     # one training step per rep: forward, backward, AdamW
         cfg.train_batch = 4
         cfg.reps = 3 if args.quick else 5
@@ -136,6 +144,8 @@ def make_config(args: argparse.Namespace, argv: List[str]) -> Config:
         cfg.bandwidth_bytes = 16 * 2 ** 20
         cfg.bandwidth_reps = 3
         cfg.compile_est_s = 5.0
+        if suite == "cpu":  # the peers' compile traces with dynamo only: Inductor's C++ build takes minutes
+            cfg.compile_backend = "eager"
     if args.dry_run:
         cfg.budget_s = None
         cfg.batches = [2]
@@ -167,6 +177,12 @@ def make_config(args: argparse.Namespace, argv: List[str]) -> Config:
     if args.no_compile or not cfg.compile_modes:
         cfg.modes = [m for m in cfg.modes if "compile" not in m]
         cfg.op_backends = [b for b in cfg.op_backends if b != "reference_compiled"]
+    if args.no_compile:
+        cfg.peer_modes = [m for m in cfg.peer_modes if "compile" not in m]
+    if args.no_peers or cfg.peer_modes in ([], ["eager"], ["eager", "fused"]):
+        cfg.peer_modes, cfg.peer_models = [], []
+    cfg.peer_models = [m for m in cfg.peer_models if m in cfg.models] if not args.models else \
+        [m for m in cfg.models if M.fused_capable(m)][-1:]
     if args.no_train:
         cfg.train = False
     if args.op_backends:

@@ -28,15 +28,19 @@ import torch.nn.functional as F
 
 from . import models as M
 from . import op_bench
+from . import peers
 from .common import (DTYPE_NAMES, Budget, env_var, free_memory, is_oom, l2_bytes, log, median, n_buffers,
                      short_exc, sync, time_loop, wall)
 
 SCHEMA = "focalnet-bench/1"
-FOCAL_MODES = ("eager", "fused", "fused-ctx", "fused:cuda", "fused:triton", "compile", "fused+compile")
+FOCAL_MODES = ("eager", "fused", "fused-ctx", "fused:cuda", "fused:triton", "compile", "fused+compile", "onnxruntime")
 # fused-ctx: the fused model with its projections left on torch's F.linear (FOCALNET_LINEAR_BACKEND=torch),
 # so that the share of focal_context in a fused speed-up is measured apart from focalnet_kernels.linear's.
 LINEAR_ENV = {"fused-ctx": "torch"}
 SWIN_MODES = ("eager", "compile")
+# onnxruntime: the eager model exported to ONNX and run in ONNX Runtime (CPU; benchmarks/peers.py).
+# Like the compiled modes it is built on its first call, which is reported as compile_s.
+BUILT_ON_FIRST_CALL = ("onnxruntime",)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,6 +61,12 @@ class Config:
     equiv_dtypes: List[torch.dtype] = dataclasses.field(default_factory=list)  # default: dtypes
     img_size: int = 224
     modes: List[str] = dataclasses.field(default_factory=lambda: ["eager", "fused"])
+    # CPU suite: a second inference group of what a CPU deployer would use instead (torch.compile with
+    # Inductor freezing, ONNX Runtime) beside our eager and fused model, interleaved, same weights
+    peer_modes: List[str] = dataclasses.field(default_factory=list)
+    peer_models: List[str] = dataclasses.field(default_factory=list)
+    peer_swin_modes: List[str] = dataclasses.field(default_factory=list)
+    cpu_freezing: bool = True        # torch.compile on the CPU with Inductor's freezing (inference)
     compile_modes: bool = True       # measure compile / fused+compile (GPU suite)
     exhaustive: bool = True          # plan the whole matrix (the budget cuts it); False: the main tasks only
     reps: int = 5
@@ -197,7 +207,8 @@ class Member:
 
 
 def _parse_mode(mode: str):
-    compiled = mode == "compile" or mode.endswith("+compile")
+    """(fused, forced focal_context backend or None, built on its first call: compiled or exported)."""
+    compiled = mode == "compile" or mode.endswith("+compile") or mode in BUILT_ON_FIRST_CALL
     fused = mode.startswith("fused")
     head = mode.split("+")[0]
     backend = head.split(":", 1)[1] if ":" in head else None
@@ -205,7 +216,25 @@ def _parse_mode(mode: str):
 
 
 def _compile(run: Run, module):
-    return torch.compile(module, dynamic=False, backend=run.cfg.compile_backend)
+    return peers.compile_inference(module, run.cfg.compile_backend,
+                                   freezing=run.cfg.cpu_freezing and run.device.type == "cpu")
+
+
+def _build_member_fn(run: Run, name: str, mode: str, module):
+    """(callable, how it was built or None) of one inference member, or (None, why not) when it
+    cannot run here."""
+    compiled = _parse_mode(mode)[2]
+    if mode == "onnxruntime":
+        why = "ONNX Runtime runs on the CPU here" if run.device.type != "cpu" else peers.onnxruntime_skip_reason()
+        if why:
+            return None, why
+        import onnxruntime
+        fn = peers.OnnxRuntimeModel(module)
+        return fn, f"onnxruntime {onnxruntime.__version__}, CPU provider, {fn.threads} threads, ORT_ENABLE_ALL"
+    if not compiled:
+        return module, None
+    freezing = run.cfg.cpu_freezing and run.device.type == "cpu" and run.cfg.compile_backend == "inductor"
+    return _compile(run, module), f"torch.compile backend={run.cfg.compile_backend}" + (", freezing" if freezing else "")
 
 
 def _backend_counts() -> collections.Counter:
@@ -331,9 +360,14 @@ def task_inference(run: Run, size: str, dtype: torch.dtype, batch: int, modes: S
             if fused and backend == "cuda" and not run.cuda_backend_available():
                 run.skip(f"{M.label(name)} mode {mode}", "the cuda backend of focalnet_kernels is not available")
                 continue
-            fn = _compile(run, mod) if compiled else mod
+            fn, how = _build_member_fn(run, name, mode, mod)
+            if fn is None:
+                run.skip(f"{M.label(name)} mode {mode}", how)
+                continue
             members.append(Member(name, mode, fn, compiled=compiled, env_backend=backend, dtype=dtype,
                                   device=run.device, grad=False))
+            if how:
+                members[-1].extra["built_with"] = how
     if not members:
         return
     inputs = _make_inputs(run, batch, seed=batch)
@@ -706,6 +740,27 @@ def plan_cpu(run: Run) -> List[Task]:
             for d in cfg.op_dtypes:
                 tasks.append(Task(f"op {M.SIZE_LETTER.get(s, s)} {DTYPE_NAMES[d]} B={cfg.op_batch}", 20.0,
                                   lambda r, s=s, d=d: task_op(r, s, d, cfg.op_backends, cfg.op_directions)))
+    tasks += _peer_tasks(cfg)
+    return tasks
+
+
+def _peer_tasks(cfg: Config) -> List[Task]:
+    """After the main tasks: our eager and fused model beside torch.compile (Inductor, freezing) and
+    ONNX Runtime of the eager model (and Swin's peers), one interleaved group per size and batch."""
+    if not cfg.peer_modes or not cfg.peer_models:
+        return []
+    tasks = []
+    for s in M.sizes_in(cfg.peer_models):
+        n, c = _count_members(cfg, s, cfg.peer_modes, cfg.peer_swin_modes, only=cfg.peer_models)
+        for d in cfg.dtypes[:1]:
+            for b in cfg.batches:
+                per_call = (0.05 if cfg.tiny else 0.45) * b
+                est = 5.0 + n * (cfg.reps + 3) * per_call + c * cfg.compile_est_s
+                tasks.append(Task(
+                    f"peers {M.SIZE_LETTER.get(s, s)} {DTYPE_NAMES[d]} b{b} [{', '.join(cfg.peer_modes)}"
+                    + (f"; swin {', '.join(cfg.peer_swin_modes)}" if cfg.peer_swin_modes else "") + "]", est,
+                    lambda r, s=s, d=d, b=b: task_inference(r, s, d, b, cfg.peer_modes, cfg.peer_swin_modes,
+                                                            anchor_equivalence=True, only=cfg.peer_models)))
     return tasks
 
 

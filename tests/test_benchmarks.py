@@ -103,10 +103,20 @@ def test_cpu_default_path_tiny(tmp_path, capsys):
         assert s in printed, s
     res = _strict_json(tmp_path / "results.json")
     assert res["suite"] == "cpu" and res["dtype"] == ["fp32"] and res["training"] == []
-    assert {e["mode"] for e in res["inference"]} == {"eager", "fused-ctx", "fused"}
+    main_group = [e for e in res["inference"] if not e["group"].startswith("peers")]
+    assert {e["mode"] for e in main_group} == {"eager", "fused-ctx", "fused"}
     assert all(e["status"] == "ok" for e in res["inference"])
+    # the peers group: eager and fused beside torch.compile and ONNX Runtime of the same eager model,
+    # interleaved, with their outputs checked against the group's eager member
+    peers = {e["mode"]: e for e in res["inference"] if e["group"].startswith("peers")}
+    assert set(peers) == {"eager", "fused", "compile", "onnxruntime"}
+    assert all(e["model"] == "focalnet_tiny_lrf" and e["median_img_s"] > 0 for e in peers.values())
+    assert peers["onnxruntime"]["built_with"].startswith("onnxruntime ") and peers["onnxruntime"]["compile_s"] > 0
+    assert peers["compile"]["built_with"].startswith("torch.compile")
+    (eq,) = [e for e in res["equivalence"] if "max_rel_vs_eager" in e and "onnxruntime" in e["max_rel_vs_eager"]]
+    assert eq["max_rel_vs_eager"]["onnxruntime"] < 1e-4 and eq["max_rel_vs_eager"]["fused"] < 1e-4
     # fused-ctx keeps the projections on torch's GEMM, fused uses focalnet_kernels.linear
-    by_mode = {e["mode"]: e["backends_ran"] for e in res["inference"] if e["model"].startswith("focalnet")}
+    by_mode = {e["mode"]: e["backends_ran"] for e in main_group if e["model"].startswith("focalnet")}
     assert by_mode["fused-ctx"].get("linear:torch", 0) > 0 and "linear:onednn" not in by_mode["fused-ctx"]
     assert by_mode["fused"].get("linear:onednn", 0) > 0 or not _onednn()
     assert (tmp_path / "results.png").is_file() or not _has_matplotlib()
