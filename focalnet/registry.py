@@ -35,7 +35,10 @@ def list_models() -> List[str]:
 
 
 def model_config(name: str) -> Dict[str, Any]:
-    """A copy of the registered constructor arguments of `name` (ValueError if unknown)."""
+    """A copy of the registered constructor arguments of `name` (TypeError if not a str, ValueError if unknown)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str naming a FocalNet variant ({', '.join(list_models())}), "
+                        f"got {type(name).__name__} {name!r}")
     if name not in MODEL_CONFIGS:
         close = difflib.get_close_matches(name, MODEL_CONFIGS, n=5, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
