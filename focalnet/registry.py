@@ -4,6 +4,8 @@ from __future__ import annotations
 import difflib
 from typing import Any, Dict, List
 
+from . import hub
+from .checkpoint import load_checkpoint
 from .model import FocalNet
 
 _SRF = dict(focal_levels=(2, 2, 2, 2), focal_windows=(3, 3, 3, 3))
@@ -50,13 +52,33 @@ def create_model(name: str, *, pretrained=None, use_fused: bool = False, strict:
                  reset_head: bool = False, **overrides) -> FocalNet:
     """Build a registered variant; `overrides` replace any constructor argument.
 
-    pretrained: None, a checkpoint path or a state dict (official, timm or Hugging Face layout),
-    loaded with :func:`focalnet.load_checkpoint` (``strict`` and ``reset_head`` are passed through).
+    pretrained:
+
+    * None / False: no weights (the model's own initialisation);
+    * True, a tag (``"ms_in1k"``, ``"ms_in22k"``: :data:`focalnet.hub.PRETRAINED_TAGS`), ``"hf-hub:<repo>"``
+      or a repository id: the official ImageNet weights fetched by name from the Hugging Face Hub (needs
+      the ``hub`` extra; see :mod:`focalnet.hub`: cache, ``HF_HUB_OFFLINE``, verification). ``num_classes``
+      follows the weights (1000, 21842, or 0 for huge_fl4) unless given; given and different, the
+      checkpoint's classifier is left out (as ``reset_head=True``);
+    * a checkpoint path or a state dict (official, timm or Hugging Face layout), loaded with
+      :func:`focalnet.load_checkpoint` (``strict`` and ``reset_head`` are passed through).
+
+    The model gets ``pretrained_cfg`` (as timm's models do): a dict with ``input_size``, ``mean``, ``std``,
+    ``crop_pct``, ``interpolation``, ``num_classes`` (the weights'), ``hf_hub_id`` and ``tag`` of the hub
+    weights loaded, or of the variant's default weights when none were fetched by name.
     """
     cfg = model_config(name)
+    source = hub.resolve_pretrained(name, pretrained)
+    pretrained_cfg = source if source is not None else hub.default_pretrained_cfg(name)
+    if source is not None:
+        pretrained, _ = hub.load_pretrained_state_dict(source)
+        if source.get("num_classes") is None:  # a repository we have no configuration for
+            source["num_classes"] = hub.classes_of(pretrained)
+        cfg["num_classes"] = source["num_classes"]
+        reset_head = reset_head or overrides.get("num_classes", source["num_classes"]) != source["num_classes"]
     cfg.update(overrides)
     model = FocalNet(use_fused=use_fused, **cfg)
-    if pretrained is not None:
-        from .checkpoint import load_checkpoint
+    if pretrained is not None and pretrained is not False:
         load_checkpoint(model, pretrained, strict=strict, reset_head=reset_head)
+    model.pretrained_cfg = dict(pretrained_cfg) if pretrained_cfg is not None else None
     return model
