@@ -18,6 +18,9 @@ The state-dict layout is the official one (``patch_embed``, ``layers.i.blocks.j`
 """
 from __future__ import annotations
 
+import collections.abc
+import math
+import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -88,8 +91,14 @@ class FocalModulation(nn.Module):
                  bias: bool = True, proj_drop: float = 0.0, use_postln_in_modulation: bool = False,
                  normalize_modulator: bool = False, use_fused: bool = False):
         super().__init__()
-        if focal_level < 1:
-            raise ValueError(f"focal_level must be >= 1, got {focal_level}")
+        dim = _check_int("dim", dim, 1)
+        focal_window = _check_window("focal_window", focal_window)
+        focal_level = _check_level("focal_level", focal_level)
+        focal_factor = _check_factor("focal_factor", focal_factor)
+        proj_drop = _check_prob("proj_drop", proj_drop)
+        bias, use_postln_in_modulation, normalize_modulator, use_fused = _check_bools(
+            bias=bias, use_postln_in_modulation=use_postln_in_modulation, normalize_modulator=normalize_modulator,
+            use_fused=use_fused)
         self.dim = dim
         self.focal_window = focal_window
         self.focal_level = focal_level
@@ -161,6 +170,11 @@ class FocalNetBlock(nn.Module):
                  use_postln_in_modulation: bool = False, normalize_modulator: bool = False,
                  use_fused: bool = False):
         super().__init__()
+        dim = _check_int("dim", dim, 1)  # the modulation checks the focal arguments and its flags
+        mlp_ratio = _check_mlp_ratio("mlp_ratio", mlp_ratio, dim)
+        drop, drop_path = _check_prob("drop", drop), _check_prob("drop_path", drop_path)
+        use_layerscale, use_postln = _check_bools(use_layerscale=use_layerscale, use_postln=use_postln)
+        layerscale_value = _check_finite("layerscale_value", layerscale_value)
         self.dim = dim
         self.use_postln = use_postln
         self.norm1 = nn.LayerNorm(dim)
@@ -214,6 +228,9 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, use_conv_embed: bool = False,
                  is_stem: bool = False):
         super().__init__()
+        use_conv_embed, is_stem = _check_bools(use_conv_embed=use_conv_embed, is_stem=is_stem)
+        patch_size = _check_patch_size(patch_size, use_conv_embed, is_stem)
+        in_chans, embed_dim = _check_int("in_chans", in_chans, 1), _check_int("embed_dim", embed_dim, 1)
         self.patch_size = patch_size
         if use_conv_embed:
             kernel_size, padding, stride = (7, 2, 4) if is_stem else (3, 1, 2)
@@ -233,6 +250,12 @@ class FocalNetStage(nn.Module):
     def __init__(self, dim: int, out_dim: Optional[int], depth: int, drop_path: Sequence[float],
                  use_conv_embed: bool = False, use_checkpoint: bool = False, **block_kwargs):
         super().__init__()
+        dim, depth = _check_int("dim", dim, 1), _check_int("depth", depth, 1)
+        out_dim = None if out_dim is None else _check_int("out_dim", out_dim, 1, " or None (last stage)")
+        drop_path = _check_sequence("drop_path", drop_path, "rates, one per block")
+        if len(drop_path) != depth:
+            raise ValueError(f"drop_path needs one rate per block ({depth}), got {len(drop_path)}: {drop_path}")
+        use_conv_embed, use_checkpoint = _check_bools(use_conv_embed=use_conv_embed, use_checkpoint=use_checkpoint)
         self.dim = dim
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList(FocalNetBlock(dim, drop_path=drop_path[i], **block_kwargs) for i in range(depth))
@@ -255,13 +278,134 @@ class FocalNetStage(nn.Module):
         return x, self.downsample(x.permute(0, 3, 1, 2))
 
 
-def _per_stage(value, n: int, name: str) -> List[int]:
-    if isinstance(value, int):
-        return [value] * n
-    value = list(value)
-    if len(value) != n:
-        raise ValueError(f"{name} needs one value per stage ({n}), got {value}")
+# ----- argument validation ---------------------------------------------------------------------
+# Every constructor checks its arguments before it builds anything: TypeError for a wrong type,
+# ValueError for a wrong value, the message naming the argument and what it takes. Ints are
+# numbers.Integral (numpy ints too) but not bool; bools are bool or numpy.bool_ only (a string such
+# as "no" or an int is refused, never read as truthy); values are stored as plain Python values.
+try:
+    import numpy as _np
+    _BOOLS: tuple = (bool, _np.bool_)
+except ImportError:  # pragma: no cover - numpy is optional for torch
+    _BOOLS = (bool,)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, _BOOLS)
+
+
+def _check_int(name: str, value, minimum: int, why: str = "") -> int:
+    expected = f"an int >= {minimum}{why}"
+    if not _is_int(value):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return int(value)
+
+
+def _check_real(name: str, value, expected: str, ok) -> float:
+    """A real number (not bool) for which ok(float(value)) holds."""
+    if not isinstance(value, numbers.Real) or isinstance(value, _BOOLS):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    if not ok(float(value)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+def _check_prob(name: str, value) -> float:
+    return _check_real(name, value, "a real number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+
+
+def _check_finite(name: str, value) -> float:
+    return _check_real(name, value, "a finite real number", math.isfinite)
+
+
+def _check_mlp_ratio(name: str, value, dim: int) -> float:
+    return _check_real(name, value, f"a finite real > 0 with int({dim} * {name}) >= 1 (the MLP's hidden width)",
+                       lambda v: math.isfinite(v) and int(dim * v) >= 1)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, _BOOLS):
+        raise TypeError(f"{name} must be a bool (True or False), got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def _check_bools(**flags) -> Tuple[bool, ...]:
+    """_check_bool of every keyword argument, in order."""
+    return tuple(_check_bool(name, value) for name, value in flags.items())
+
+
+def _check_level(name: str, value) -> int:
+    return _check_int(name, value, 1)
+
+
+def _check_window(name: str, value) -> int:
+    value = _check_int(name, value, 1, " and odd")
+    if value % 2 == 0:
+        raise ValueError(f"{name} must be an odd int >= 1 (a depthwise kernel k = focal_factor * level + "
+                         f"focal_window keeps the map size with its padding k // 2 only when k is odd), got {value}")
     return value
+
+
+def _check_factor(name: str, value) -> int:
+    value = _check_int(name, value, 0, " and even")
+    if value % 2:
+        raise ValueError(f"{name} must be an even int >= 0 (the kernel sizes focal_factor * level + focal_window "
+                         f"must stay odd at every level; the official models use 2), got {value}")
+    return value
+
+
+def _check_patch_size(patch_size, use_conv_embed: bool, is_stem: bool) -> int:
+    patch_size = _check_int("patch_size", patch_size, 1)
+    conv_patch = 4 if is_stem else 2
+    if use_conv_embed and patch_size != conv_patch:
+        raise ValueError(f"patch_size must be {conv_patch} with use_conv_embed=True (the overlapping "
+                         f"{'7x7 stride-4 stem' if is_stem else '3x3 stride-2 downsample'}), got {patch_size}")
+    return patch_size
+
+
+def _check_sequence(name: str, value, what: str) -> list:
+    if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Sequence):
+        raise TypeError(f"{name} must be a sequence (list or tuple) of {what}, got {value!r} ({type(value).__name__})")
+    return list(value)
+
+
+def _check_depths(depths) -> List[int]:
+    depths = _check_sequence("depths", depths, "ints >= 1, the blocks of each stage")
+    if not depths:
+        raise ValueError("depths must be a non-empty sequence of ints >= 1 (the blocks of each stage), got "
+                         f"{depths!r}")
+    return [_check_int(f"depths[{i}]", d, 1, " (a stage without blocks is not supported)")
+            for i, d in enumerate(depths)]
+
+
+def _per_stage(value, n: int, name: str, check) -> list:
+    """An int for every stage, or a sequence of one value per stage; check(name, v) validates each."""
+    if _is_int(value):
+        return [check(name, value)] * n
+    value = _check_sequence(name, value, "ints, one per stage (or a single int for all)")
+    if len(value) != n:
+        raise ValueError(f"{name} needs one value per stage ({n}, as many as depths), got {len(value)}: {value}")
+    return [check(f"{name}[{i}]", v) for i, v in enumerate(value)]
+
+
+def _check_out_indices(out_indices, n: int, features_only: bool) -> Tuple[int, ...]:
+    """Stage indices (checked for type always, for value with features_only), sorted: the maps come
+    out in stage order."""
+    if out_indices is None:
+        return tuple(range(n)) if features_only else ()
+    out_indices = _check_sequence("out_indices", out_indices, "stage indices (ints) or None (every stage)")
+    for i, v in enumerate(out_indices):
+        if not _is_int(v):
+            raise TypeError(f"out_indices[{i}] must be an int stage index, got {v!r} ({type(v).__name__})")
+    if not features_only:
+        return ()
+    idx = [int(i) for i in out_indices]
+    if not idx or not all(0 <= i < n for i in idx) or len(set(idx)) != len(idx):
+        raise ValueError(f"out_indices must be a non-empty subset of 0..{n - 1} without repeats, "
+                         f"got {tuple(idx)}")
+    return tuple(sorted(idx))
 
 
 class FocalNet(nn.Module):
@@ -277,27 +421,56 @@ class FocalNet(nn.Module):
         features_only: the model becomes a dense backbone, like the official detection backbone: no
         final ``norm`` / ``head``; for every stage i in ``out_indices`` a LayerNorm ``norm{i}`` is applied
         to the output of stage i *before* its downsample, and ``forward`` returns the list of these maps
-        as NCHW tensors (strides 4, 8, 16, 32 of the padded input).
+        as NCHW tensors (strides 4, 8, 16, 32 of the padded input), in stage order (out_indices: None
+        means every stage).
+
+    Every argument is checked before anything is built: a wrong type raises TypeError, a wrong value
+    ValueError, naming the argument. Ints are ints (numpy ints too, not bools) and flags bools (or
+    numpy.bool_; not strings or ints). depths: a non-empty sequence of ints >= 1 (a stage without
+    blocks is refused: no official model has one); focal_windows: odd ints >= 1 and focal_factor an
+    even int >= 0, so that every kernel size focal_factor * level + focal_window is odd (an even one
+    would change the map size under the 'same' padding k // 2); mlp_ratio: a finite real with
+    int(embed_dim * mlp_ratio) >= 1; drop_rate, drop_path_rate in [0, 1); layerscale_value finite;
+    patch_size an int >= 1 (4 with use_conv_embed, whose stem is the official 7x7 stride-4 conv).
+    Kernel sizes above the fused kernels' 15 are valid: the fused path runs them on the reference
+    (warning once).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, embed_dim: int = 96,
                  depths: Sequence[int] = (2, 2, 6, 2), mlp_ratio: float = 4.0, drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.1, focal_levels: Union[int, Sequence[int]] = (2, 2, 2, 2),
-                 focal_windows: Union[int, Sequence[int]] = (3, 3, 3, 3), focal_factor: int = 2,
+                 drop_path_rate: float = 0.1, focal_levels: Union[int, Sequence[int]] = 2,
+                 focal_windows: Union[int, Sequence[int]] = 3, focal_factor: int = 2,
                  use_conv_embed: bool = False, use_layerscale: bool = False, layerscale_value: float = 1e-4,
                  use_postln: bool = False, use_postln_in_modulation: bool = False,
                  normalize_modulator: bool = False, use_fused: bool = False, use_checkpoint: bool = False,
-                 features_only: bool = False, out_indices: Sequence[int] = (0, 1, 2, 3), patch_size: int = 4):
+                 features_only: bool = False, out_indices: Optional[Sequence[int]] = None, patch_size: int = 4):
         super().__init__()
-        depths = list(depths)
+        # every argument is checked before anything is built (see "argument validation" above)
+        depths = _check_depths(depths)
         n = len(depths)
+        in_chans = _check_int("in_chans", in_chans, 1)
+        num_classes = _check_int("num_classes", num_classes, 0, " (0: no head)")
+        embed_dim = _check_int("embed_dim", embed_dim, 1)
+        mlp_ratio = _check_mlp_ratio("mlp_ratio", mlp_ratio, embed_dim)  # stage 0 has the narrowest MLP
+        drop_rate = _check_prob("drop_rate", drop_rate)
+        drop_path_rate = _check_prob("drop_path_rate", drop_path_rate)
+        focal_levels = _per_stage(focal_levels, n, "focal_levels", _check_level)
+        focal_windows = _per_stage(focal_windows, n, "focal_windows", _check_window)
+        focal_factor = _check_factor("focal_factor", focal_factor)
+        layerscale_value = _check_finite("layerscale_value", layerscale_value)
+        (use_conv_embed, use_layerscale, use_postln, use_postln_in_modulation, normalize_modulator, use_fused,
+         use_checkpoint, features_only) = _check_bools(
+            use_conv_embed=use_conv_embed, use_layerscale=use_layerscale, use_postln=use_postln,
+            use_postln_in_modulation=use_postln_in_modulation, normalize_modulator=normalize_modulator,
+            use_fused=use_fused, use_checkpoint=use_checkpoint, features_only=features_only)
+        patch_size = _check_patch_size(patch_size, use_conv_embed, is_stem=True)
+        out_indices = _check_out_indices(out_indices, n, features_only)
+
         self.num_layers = n
         self.embed_dims = [embed_dim * 2 ** i for i in range(n)]
         self.num_features = self.embed_dims[-1]
         self.num_classes = num_classes
         self.features_only = features_only
-        focal_levels = _per_stage(focal_levels, n, "focal_levels")
-        focal_windows = _per_stage(focal_windows, n, "focal_windows")
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, self.embed_dims[0], use_conv_embed=use_conv_embed,
                                       is_stem=True)
@@ -315,10 +488,6 @@ class FocalNet(nn.Module):
                 use_fused=use_fused))
 
         if features_only:
-            out_indices = tuple(int(i) for i in out_indices)
-            bad = [i for i in out_indices if not 0 <= i < n]
-            if bad or not out_indices:
-                raise ValueError(f"out_indices must be a non-empty subset of 0..{n - 1}, got {out_indices}")
             self.out_indices = out_indices
             for i in out_indices:
                 self.add_module(f"norm{i}", nn.LayerNorm(self.embed_dims[i]))
@@ -348,9 +517,10 @@ class FocalNet(nn.Module):
     def set_fused(self, flag: bool = True) -> "FocalNet":
         """Switch every FocalModulation (focal context on focal_context, projections on
         focalnet_kernels.linear) and every Mlp (linear with the GELU epilogue) together."""
+        flag = _check_bool("flag", flag)
         for m in self.modules():
             if isinstance(m, (FocalModulation, Mlp)):
-                m.use_fused = bool(flag)
+                m.use_fused = flag
         return self
 
     @property
@@ -360,8 +530,9 @@ class FocalNet(nn.Module):
         return bool(mods) and all(m.use_fused for m in mods)
 
     def set_grad_checkpointing(self, enable: bool = True) -> "FocalNet":
+        enable = _check_bool("enable", enable)
         for layer in self.layers:
-            layer.use_checkpoint = bool(enable)
+            layer.use_checkpoint = enable
         return self
 
     # ----- forward ------------------------------------------------------------------------------
