@@ -585,11 +585,11 @@ def _same_kind(a: torch.dtype, b: torch.dtype) -> bool:
 
 def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True, reset_head: bool = False,
                     src_layout: Optional[str] = None, *, sha256: Optional[str] = None,
-                    verify: bool = True) -> LoadResult:
+                    verify: bool = True, check_name_hash: bool = True) -> LoadResult:
     """Load an official / timm / Hugging Face FocalNet checkpoint (path or dict) into `model`.
 
-    * A path (str, bytes or os.PathLike) is read and verified by :func:`read_checkpoint` (``sha256`` and
-      ``verify`` are passed on): CRC-32 of every record of a torch zip file, the safetensors header, an
+    * A path (str, bytes or os.PathLike) is read and verified by :func:`read_checkpoint` (``sha256``,
+      ``verify`` and ``check_name_hash`` are passed on): CRC-32 of every record of a torch zip file, the safetensors header, an
       expected SHA-256. Every check and the layout conversion happen before the model is touched: a
       failure leaves the model as it was.
     * Classifier keys the model has no place for are skipped, not reported as unexpected: ``head.*``
@@ -607,7 +607,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict, strict: bool = True, r
     """
     if isinstance(path_or_state_dict, (str, bytes, os.PathLike)):
         source = repr(os.fsdecode(os.fspath(path_or_state_dict)))
-        raw = read_checkpoint(path_or_state_dict, sha256=sha256, verify=verify)
+        raw = read_checkpoint(path_or_state_dict, sha256=sha256, verify=verify, check_name_hash=check_name_hash)
     else:
         if sha256 is not None:
             raise ValueError("sha256= applies to a checkpoint file, not to a state dict")

@@ -247,6 +247,9 @@ def test_hash_prefix_in_the_file_name(tmp_path):
     msg = str(ei.value)
     assert wrong in msg and digest in msg and "check_name_hash=False" in msg
     read_checkpoint(bad, check_name_hash=False)  # the opt-out, e.g. for a date that looks like hex
+    dst = model(1)
+    load_checkpoint(dst, bad, check_name_hash=False)
+    assert same_weights(dst, model(0))
 
     # names that do not follow the pattern are not checked
     for name in ("model-v2.pth", "model-abc123.pth", "model-ABCDEF12.pth", "modelabcdef12.pth",
