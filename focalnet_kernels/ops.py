@@ -8,6 +8,7 @@ CPU tensors -> the native CPU kernel when built, else Triton when TRITON_INTERPR
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -145,8 +146,43 @@ def _backend_weights(name: str, ctx: Tensor, kernels: Sequence[Tensor]) -> List[
 # --------------------------------------------------------------------------------------------
 # the torch.library ops
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("focalnet::focal_context_fwd", mutates_args=())
-def focal_context_fwd(ctx: Tensor, gates: Tensor, kernels: List[Tensor], normalize: bool) -> Tuple[Tensor, Tensor]:
+# Defined with torch.library.define/impl, not torch.library.custom_op: custom_op wraps every
+# implementation in torch._disable_dynamo, which imports torch._dynamo (and sympy, Inductor, triton)
+# at the first call of the op: 1.3-2.4 s of first-call latency on a CPU (benchmarks/first_call.py).
+# `_not_traced_by_dynamo` keeps what that wrapper is for without the import.
+_LIB = torch.library.Library("focalnet", "FRAGMENT")
+_LIB.define("focal_context_fwd(Tensor ctx, Tensor gates, Tensor[] kernels, bool normalize) -> (Tensor, Tensor)",
+            tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.define("focal_context_bwd(Tensor grad_out, Tensor ctx, Tensor gates, Tensor[] kernels, Tensor pooled, "
+            "bool normalize) -> (Tensor, Tensor, Tensor[])", tags=(torch.Tag.pt2_compliant_tag,))
+
+
+def _not_traced_by_dynamo(fn):
+    """fn behind torch._dynamo.disable (torch.compile must not trace into an op's implementation,
+    e.g. when it runs eagerly after a graph break), as custom_op does, but without importing
+    torch._dynamo: until something else has imported it, nothing can be tracing."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        disable = getattr(sys.modules.get("torch._dynamo"), "disable", None)
+        if disable is None:
+            return fn(*args)
+        if not disabled:
+            disabled.append(disable(fn))
+        return disabled[0](*args)
+    return wrapper
+
+
+def _implements(name: str):
+    def register(fn):
+        _LIB.impl(name, _not_traced_by_dynamo(fn), "CompositeExplicitAutograd")
+        return fn
+    return register
+
+
+@_implements("focal_context_fwd")
+def _fwd_impl(ctx: Tensor, gates: Tensor, kernels: List[Tensor], normalize: bool) -> Tuple[Tensor, Tensor]:
     """Returns (ctx_all, pooled): pooled is the fp32 spatial mean of the last level, kept for backward."""
     B, H, W, C = ctx.shape
     if ctx.numel() == 0:
@@ -158,16 +194,16 @@ def focal_context_fwd(ctx: Tensor, gates: Tensor, kernels: List[Tensor], normali
     return fwd(ctx, gates, _backend_weights(name, ctx, kernels), normalize)
 
 
-@focal_context_fwd.register_fake
+@torch.library.register_fake("focalnet::focal_context_fwd", lib=_LIB)
 def _(ctx, gates, kernels, normalize):
     B, H, W, C = ctx.shape
     pdt = torch.float64 if ctx.dtype == torch.float64 else torch.float32
     return ctx.new_empty((B, H, W, C)), ctx.new_empty((B, C), dtype=pdt)
 
 
-@torch.library.custom_op("focalnet::focal_context_bwd", mutates_args=())
-def focal_context_bwd(grad_out: Tensor, ctx: Tensor, gates: Tensor, kernels: List[Tensor], pooled: Tensor,
-                      normalize: bool) -> Tuple[Tensor, Tensor, List[Tensor]]:
+@_implements("focal_context_bwd")
+def _bwd_impl(grad_out: Tensor, ctx: Tensor, gates: Tensor, kernels: List[Tensor], pooled: Tensor,
+              normalize: bool) -> Tuple[Tensor, Tensor, List[Tensor]]:
     if ctx.numel() == 0:
         return (torch.zeros_like(ctx, memory_format=torch.contiguous_format),
                 torch.zeros_like(gates, memory_format=torch.contiguous_format),
@@ -180,9 +216,15 @@ def focal_context_bwd(grad_out: Tensor, ctx: Tensor, gates: Tensor, kernels: Lis
     return grad_ctx, grad_gates, grad_k
 
 
-@focal_context_bwd.register_fake
+@torch.library.register_fake("focalnet::focal_context_bwd", lib=_LIB)
 def _(grad_out, ctx, gates, kernels, pooled, normalize):
     return (ctx.new_empty(ctx.shape), gates.new_empty(gates.shape), [k.new_empty(k.shape) for k in kernels])
+
+
+#: The ops (OpOverloads): focal_context_fwd(ctx, gates, kernels, normalize) -> (ctx_all, pooled) and
+#: focal_context_bwd(grad_out, ctx, gates, kernels, pooled, normalize) -> (grad_ctx, grad_gates, grad_kernels).
+focal_context_fwd = torch.ops.focalnet.focal_context_fwd.default
+focal_context_bwd = torch.ops.focalnet.focal_context_bwd.default
 
 
 def _setup_context(ctx, inputs, output):
@@ -201,7 +243,7 @@ def _backward(ctx, grad_out, _grad_pooled):
     return grad_x, grad_gates, list(grad_k), None
 
 
-focal_context_fwd.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("focalnet::focal_context_fwd", _backward, setup_context=_setup_context, lib=_LIB)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,6 +330,10 @@ def focal_context(ctx: Tensor, gates: Tensor, kernels: Sequence[Tensor], *, norm
 
 
 def _exporting_to_onnx() -> bool:
+    # `torch.onnx` takes ~0.1 s to import, and an ONNX export has imported it: outside dynamo's
+    # tracing (which does not read sys.modules), its absence means no export is running.
+    if not torch.compiler.is_compiling() and "torch.onnx" not in sys.modules:
+        return False
     try:
         return bool(torch.onnx.is_in_onnx_export())
     except Exception:  # pragma: no cover - very old torch

@@ -1,5 +1,7 @@
 """The torch.library op: registration (opcheck), torch.compile without graph breaks, autocast,
 backend selection through FOCALNET_KERNELS_BACKEND."""
+import os
+
 import pytest
 import torch
 
@@ -142,3 +144,45 @@ def test_one_call_counter_shared_by_both_dispatchers(backend):
     assert after["reference:fwd"] == before.get("reference:fwd", 0) + 1
     assert sum(after[k] for k in after if k.startswith("linear:")) == \
         sum(v for k, v in before.items() if k.startswith("linear:")) + 1
+
+
+FRESH_FIRST_CALL = r"""
+import sys, torch, focalnet_kernels as fk
+y = torch.randn(1, 6, 7, 2 * 4 + 3, requires_grad=True)
+ks = [torch.randn(4, 1, k, k, requires_grad=True) for k in (3, 5)]
+with torch.no_grad():
+    fk.focal_context(y[..., 4:8], y[..., 8:], ks)
+fk.focal_context(y[..., 4:8], y[..., 8:], ks).sum().backward()
+print("HEAVY", sorted(m for m in ("torch._dynamo", "torch._inductor", "torch.onnx", "sympy", "triton") if m in sys.modules))
+print("CALLS", dict(fk.backend_calls))
+"""
+
+
+def test_first_call_imports_nothing_heavy():
+    """The first-call latency fix: in a fresh process a forward and a backward on the CPU kernel import
+    neither torch._dynamo (custom_op's wrapper imported it at the first call: ~2 s) nor sympy, Inductor,
+    triton or torch.onnx (the ONNX-export check imported it: ~0.1 s). (No timing assertion: `python -m benchmarks.first_call` measures the time.)"""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("FOCALNET_KERNELS_BACKEND", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "-c", FRESH_FIRST_CALL], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
+    expected = "cpu" if ops._native_available("cpu") else "reference"
+    assert f"'{expected}:bwd': 1" in lines["CALLS"], lines["CALLS"]
+    assert lines["HEAVY"] == "[]", f"imported at the first call: {lines['HEAVY']}"
+
+
+def test_first_call_benchmark_prints_its_rows():
+    """benchmarks.first_call runs (one fresh process, a tiny shape) and prints every row; no timings checked."""
+    import contextlib
+    import io
+    from benchmarks import first_call
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert first_call.main(["--runs", "1", "--shape", "1x6x7x4", "--ks", "3,5", "--threads", "1"]) == 0
+    out = buf.getvalue()
+    assert out.startswith("CPU: ") and "1x6x7x4" in out, out
+    for _, label in first_call.ROWS:
+        assert any(line.startswith(label) and len(line.split()) >= 3 for line in out.splitlines()), (label, out)
