@@ -246,6 +246,48 @@ def _backward(ctx, grad_out, _grad_pooled):
 torch.library.register_autograd("focalnet::focal_context_fwd", _backward, setup_context=_setup_context, lib=_LIB)
 
 
+# Double backward. A plain backward (create_graph=False) runs with grad mode off, so
+# focal_context_bwd records nothing and stays on the backend's kernel. With create_graph=True it
+# still runs the kernel, and records this formula: when its gradients are differentiated in turn
+# (a gradient penalty, gradgradcheck), the second-order terms come from differentiating the eager
+# reference's backward at the saved inputs. It is made of torch ops on those inputs, so third and
+# higher orders follow.
+def _bwd_setup_context(ctx, inputs, output):
+    grad_out, x, gates, kernels, _pooled, normalize = inputs
+    ctx.save_for_backward(grad_out, x, gates, *kernels)
+    ctx.normalize = normalize
+
+
+def _bwd_backward(ctx, grad_grad_x, grad_grad_gates, grad_grad_k):
+    saved = ctx.saved_tensors
+    grads = _reference_double_backward(saved, [grad_grad_x, grad_grad_gates, *grad_grad_k], ctx.normalize)
+    grad_grad_out, gx, ggates, *gk = grads
+    return grad_grad_out, gx, ggates, gk, None, None
+
+
+def _reference_double_backward(saved: Sequence[Tensor], grad_grads: Sequence[Optional[Tensor]],
+                               normalize: bool) -> List[Optional[Tensor]]:
+    """The vector-Jacobian product of (grad_out, ctx, gates, *kernels) -> (grad_ctx, grad_gates,
+    *grad_kernels) with grad_grads, by autograd through focal_context_ref."""
+    if saved[1].numel() == 0 or all(g is None for g in grad_grads):
+        return [None] * len(saved)
+    create_graph = torch.is_grad_enabled()  # the caller differentiates this result too
+    with torch.enable_grad():
+        # a fresh node per position: the same tensor at two positions (one kernel at two levels,
+        # ctx and gates as views of one map) gets its per-position gradient, as the op's inputs do
+        inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True) for t in saved]
+        grad_out, x, gates, *kernels = inputs
+        out = reference.focal_context_ref(x, gates, kernels, normalize)
+        first = torch.autograd.grad(out, [x, gates, *kernels], grad_out, create_graph=True)
+        used = [(f, g) for f, g in zip(first, grad_grads) if g is not None]
+        return list(torch.autograd.grad([f for f, _ in used], inputs, [g for _, g in used],
+                                        allow_unused=True, create_graph=create_graph))
+
+
+torch.library.register_autograd("focalnet::focal_context_bwd", _bwd_backward, setup_context=_bwd_setup_context,
+                                lib=_LIB)
+
+
 # --------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------
@@ -318,8 +360,14 @@ def focal_context(ctx: Tensor, gates: Tensor, kernels: Sequence[Tensor], *, norm
     any strides and any floating dtype (used in float32, in float64 when ctx is float64; their
     gradients come back in their own dtype). All on one device, dense (strided) tensors: a sparse or
     mkldnn tensor raises TypeError; meta tensors give meta results. normalize: a bool (a numpy.bool_
-    is accepted). Returns ctx_all, B×H×W×C contiguous, in ctx's dtype. Differentiable w.r.t. all
-    three.
+    is accepted). Returns ctx_all, B×H×W×C contiguous, in ctx's dtype.
+
+    Differentiable w.r.t. ctx, gates and kernels, to any order. The backward runs on the backend's
+    kernel, with create_graph=True too; when that backward is differentiated in turn (a gradient
+    penalty, torch.autograd.gradgradcheck), the second-order terms are computed by autograd through
+    the eager reference (focal_context_ref) at the saved inputs: eager speed and memory for that
+    part, float32 arithmetic for half inputs. torch.compile has no double backward (aot_autograd
+    raises); double backward is for eager code.
     """
     normalize = validate(ctx, gates, kernels, normalize)
     if _exporting_to_onnx():
