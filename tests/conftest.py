@@ -135,3 +135,123 @@ def kernel_backends():
     if ops.triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
         names.append("triton")
     return names
+
+
+# --------------------------------------------------------------------------------------------
+# The contract's fp64 oracle and the input makers shared by the backend test files
+# (test_triton_fwd/bwd, test_cpu_backend, test_cuda_backend). The oracle is written here, apart
+# from focalnet_kernels.reference, so that the library's own reference is tested too.
+# --------------------------------------------------------------------------------------------
+import math  # noqa: E402
+
+
+class _ContractGelu(torch.autograd.Function):
+    """Exact GELU whose backward is dz = dx * GELU'(z), GELU' = Phi(z) + z phi(z), as ONE factor
+    (autograd through the composite formula would split an infinite dx into two terms of opposite
+    sign and turn +-Inf into NaN, unlike the contract: docs/backend-contract.md)."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return 0.5 * z * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        d = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        return grad * d
+
+
+def contract_forward(ctx, gates, weights, normalize):
+    """(out B×H×W×C, pooled B×C, mean |x_L| B×C) by the contract, in the inputs' dtype and differentiable:
+    channels-first depthwise F.conv2d per level, exact GELU, gated sum, global term.
+    weights: [C,k,k] or [C,1,k,k]."""
+    x = ctx.permute(0, 3, 1, 2)
+    C, L = x.shape[1], len(weights)
+    acc = 0
+    for lvl, w in enumerate(weights):
+        k = w.shape[-1]
+        x = _ContractGelu.apply(F.conv2d(x, w.reshape(C, 1, k, k), padding=k // 2, groups=C))
+        acc = acc + x.permute(0, 2, 3, 1) * gates[..., lvl:lvl + 1]
+    pooled = x.mean(dim=(2, 3))
+    acc = acc + _ContractGelu.apply(pooled)[:, None, None, :] * gates[..., L:L + 1]
+    return (acc / (L + 1) if normalize else acc), pooled, x.abs().mean(dim=(2, 3))
+
+
+def contract_reference(ctx, gates, weights, normalize, grad_out=None, dtype=torch.float64):
+    """dict(out, pooled, pooled_abs[, grad_ctx, grad_gates, grad_w]) of the contract, computed on CPU
+    copies in `dtype` (fp64: the oracle). One torch thread: the grouped fp64 conv runs one small
+    kernel per channel, and a fork/join per call costs more than the work on a small machine."""
+    need = grad_out is not None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c = ctx.detach().cpu().to(dtype).requires_grad_(need)
+        g = gates.detach().cpu().to(dtype).requires_grad_(need)
+        ws = [w.detach().cpu().to(dtype).requires_grad_(need) for w in weights]
+        out, pooled, pabs = contract_forward(c, g, ws, normalize)
+        r = dict(out=out.detach(), pooled=pooled.detach(), pooled_abs=pabs.detach())
+        if need:
+            grads = torch.autograd.grad(out, [c, g] + ws, grad_out.detach().cpu().to(dtype))
+            r.update(grad_ctx=grads[0], grad_gates=grads[1], grad_w=list(grads[2:]))
+    finally:
+        torch.set_num_threads(threads)
+    return r
+
+
+#: Input layouts of make_contract_inputs: how ctx and gates are laid out in memory.
+CONTRACT_LAYOUTS = ("contig", "slice", "chfirst", "offset1", "bcast", "wstep")
+
+
+def make_contract_inputs(B, H, W, C, ks, dtype=torch.float32, layout="contig", seed=0, device="cpu",
+                         wscale=1.5, gen=None):
+    """ctx B×H×W×C and gates B×H×W×(L+1) in `dtype`, laid out as `layout` says, and fp32 depthwise
+    weights [C,k,k] ~ N(0, 1) * wscale / k (levels stay O(1)). Values are made in fp32 and rounded to
+    dtype, so the fp64 oracle sees exactly what a kernel sees.
+
+    contig   contiguous tensors
+    slice    views into an f-projection-like output [B,H,W, C | C | L+1 | 3 spare] (the model's use)
+    chfirst  channels-first storage permuted to B×H×W×C (ctx rows padded by 2: channel stride H*(W+2)),
+             gates likewise (unpadded)
+    offset1  views one element off the storage's alignment (vector kernels take their scalar path)
+    bcast    gates broadcast over W (stride 0)
+    wstep    every other column of a wider tensor (W stride 2, channel offset 1), gates transposed
+    """
+    if layout not in CONTRACT_LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {CONTRACT_LAYOUTS}")
+    gen = gen or torch.Generator().manual_seed(seed)
+    L = len(ks)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype).to(device)
+
+    if layout == "slice":
+        y = randn(B, H, W, 2 * C + L + 1 + 3)
+        ctx, gates = y[..., C:2 * C], y[..., 2 * C:2 * C + L + 1]
+    elif layout == "chfirst":  # rows padded: not contiguous even with C = 1
+        ctx = randn(B, C, H, W + 2)[..., 1:W + 1].permute(0, 2, 3, 1)
+        gates = randn(B, L + 1, H, W).permute(0, 2, 3, 1)
+    elif layout == "offset1":
+        y = randn(B, H, W, C + L + 2)
+        ctx, gates = y[..., 1:1 + C], y[..., 1 + C:]
+    elif layout == "bcast":
+        ctx = randn(B, H, W, C)
+        gates = randn(B, H, 1, L + 1).expand(B, H, W, L + 1)
+    elif layout == "wstep":
+        ctx = randn(B, H, 2 * W, C + 3)[:, :, ::2, 1:C + 1]
+        gates = randn(B, W, H, L + 1).transpose(1, 2)
+    else:
+        ctx, gates = randn(B, H, W, C), randn(B, H, W, L + 1)
+    weights = [(torch.randn(C, k, k, generator=gen) * (wscale / k)).contiguous().to(device) for k in ks]
+    return ctx, gates, weights
+
+
+def make_contract_grad_out(B, H, W, C, dtype=torch.float32, layout="chfirst", seed=1, device="cpu", gen=None):
+    """grad_out B×H×W×C: "chfirst" (channels-first with rows padded by 1, permuted: the default,
+    not contiguous whenever H*W > 1), "slice" (the second half of a 2C-wide tensor) or "contig"."""
+    gen = gen or torch.Generator().manual_seed(seed)
+    if layout == "chfirst":
+        return torch.randn(B, C, H, W + 1, generator=gen).to(dtype).to(device)[..., :W].permute(0, 2, 3, 1)
+    if layout == "slice":
+        return torch.randn(B, H, W, 2 * C, generator=gen).to(dtype).to(device)[..., C:]
+    return torch.randn(B, H, W, C, generator=gen).to(dtype).to(device)

@@ -8,12 +8,9 @@ without its cuda backend.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import TOL, rel_err
+from conftest import TOL, contract_reference, make_contract_grad_out, make_contract_inputs, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -48,56 +45,7 @@ def _native():
 # ------------------------------------------------------------------------------------------
 # fp64 reference of docs/backend-contract.md
 # ------------------------------------------------------------------------------------------
-class _Gelu(torch.autograd.Function):
-    """Exact GELU whose backward is the contract's dz = dx * GELU'(z), GELU' = Phi(z) + z phi(z)
-    as ONE factor (autograd through the composite formula would split an infinite dx into two
-    terms of opposite sign and turn +-Inf into NaN, unlike the contract)."""
-
-    @staticmethod
-    def forward(ctx, z):
-        ctx.save_for_backward(z)
-        return 0.5 * z * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
-
-    @staticmethod
-    def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        d = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0)))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-        return grad * d
-
-
-def _gelu(x):
-    return _Gelu.apply(x)
-
-
-def _ref_forward(ctx, gates, weights, normalize):
-    """ctx B×H×W×C, gates B×H×W×(L+1), weights [C,k,k] (all fp64). Returns out, pooled and the
-    mean of |x_L| (the scale of pooled's summands, for a conditioning-aware pooled check)."""
-    x = ctx.permute(0, 3, 1, 2)
-    C = x.shape[1]
-    L = len(weights)
-    acc = 0
-    for lvl, w in enumerate(weights):
-        k = w.shape[-1]
-        x = _gelu(F.conv2d(x, w.reshape(C, 1, k, k), padding=k // 2, groups=C))
-        acc = acc + x.permute(0, 2, 3, 1) * gates[..., lvl:lvl + 1]
-    pooled = x.mean(dim=(2, 3))
-    acc = acc + _gelu(pooled)[:, None, None, :] * gates[..., L:L + 1]
-    s = 1.0 / (L + 1) if normalize else 1.0
-    return acc * s, pooled, x.abs().mean(dim=(2, 3))
-
-
-def reference(ctx, gates, weights, normalize, grad_out=None):
-    """Returns dict(out, pooled, pooled_abs[, grad_ctx, grad_gates, grad_w]) in fp64 on the CPU."""
-    need = grad_out is not None
-    c = ctx.detach().cpu().double().requires_grad_(need)
-    g = gates.detach().cpu().double().requires_grad_(need)
-    ws = [w.detach().cpu().double().requires_grad_(need) for w in weights]
-    out, pooled, pabs = _ref_forward(c, g, ws, normalize)
-    r = dict(out=out.detach(), pooled=pooled.detach(), pooled_abs=pabs.detach())
-    if need:
-        grads = torch.autograd.grad(out, [c, g] + ws, grad_out.detach().cpu().double())
-        r.update(grad_ctx=grads[0], grad_gates=grads[1], grad_w=list(grads[2:]))
-    return r
+reference = contract_reference  # fp64 on CPU copies, so that it does not depend on cuDNN
 
 
 def _check_pooled(pooled, r, tol):
@@ -115,35 +63,12 @@ def kernel_sizes(L, window, factor=2):
 
 
 def make_inputs(B, H, W, C, ks, dtype, layout="contig", seed=0):
-    """ctx, gates (views as the layout says), fp32 weights [C,k,k] ~ 1/k, on DEVICE."""
-    gen = torch.Generator().manual_seed(seed)
-    L = len(ks)
-    if layout == "slice":  # views into the f-projection output [B,H,W, C | C | L+1]
-        y = torch.randn(B, H, W, 2 * C + L + 1, generator=gen).to(dtype).to(DEVICE)
-        ctx, gates = y[..., C:2 * C], y[..., 2 * C:]
-    elif layout == "chfirst":  # channels-first storage permuted to B,H,W,C
-        ctx = torch.randn(B, C, H, W, generator=gen).to(dtype).to(DEVICE).permute(0, 2, 3, 1)
-        gates = torch.randn(B, L + 1, H, W, generator=gen).to(dtype).to(DEVICE).permute(0, 2, 3, 1)
-    elif layout == "offset1":  # base pointer off 16-byte alignment by one element: scalar path
-        y = torch.randn(B, H, W, C + L + 2, generator=gen).to(dtype).to(DEVICE)
-        ctx, gates = y[..., 1:1 + C], y[..., 1 + C:]
-    elif layout == "bcast":  # gates broadcast over W (stride 0)
-        ctx = torch.randn(B, H, W, C, generator=gen).to(dtype).to(DEVICE)
-        gates = torch.randn(B, H, 1, L + 1, generator=gen).to(dtype).to(DEVICE).expand(B, H, W, L + 1)
-    else:
-        ctx = torch.randn(B, H, W, C, generator=gen).to(dtype).to(DEVICE)
-        gates = torch.randn(B, H, W, L + 1, generator=gen).to(dtype).to(DEVICE)
-    weights = [(torch.randn(C, k, k, generator=gen) / k).to(DEVICE) for k in ks]
-    return ctx, gates, weights
+    """ctx, gates (views as the layout says: tests/conftest.py), fp32 weights [C,k,k] ~ 1/k, on DEVICE."""
+    return make_contract_inputs(B, H, W, C, ks, dtype, layout, seed, device=DEVICE, wscale=1.0)
 
 
 def make_grad_out(B, H, W, C, dtype, layout="contig", seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    if layout == "chfirst":
-        return torch.randn(B, C, H, W, generator=gen).to(dtype).to(DEVICE).permute(0, 2, 3, 1)
-    if layout == "slice":
-        return torch.randn(B, H, W, 2 * C, generator=gen).to(dtype).to(DEVICE)[..., C:]
-    return torch.randn(B, H, W, C, generator=gen).to(dtype).to(DEVICE)
+    return make_contract_grad_out(B, H, W, C, dtype, layout, seed, device=DEVICE)
 
 
 def run_and_check(B, H, W, C, ks, dtype, normalize, layout="contig", gout_layout="contig", backward=True, seed=0):

@@ -5,8 +5,6 @@ kernel's tiling is pinned per case (``_force_config``) to cover several tile sha
 blocks, including every GPU config's tile shape, with the same kernel code.
 """
 import os
-
-import math  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
@@ -17,51 +15,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton interpreter tests: run without a GPU (tests/conftest.py sets TRITON_INTERPRET=1)",
                 allow_module_level=True)
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 
 from focalnet_kernels.triton import focal_context_fwd as fwd_mod  # noqa: E402
 from focalnet_kernels.triton.focal_context_fwd import focal_context_fwd_triton  # noqa: E402
-from conftest import TOL, rel_err  # noqa: E402
-
-def _gelu64(x):
-    return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
-
-
-def reference(ctx, gates, weights, normalize):
-    """fp64 reference of the contract forward (channels-first conv2d on fp64 copies)."""
-    x = ctx.double().permute(0, 3, 1, 2)
-    g = gates.double()
-    L = len(weights)
-    C = x.shape[1]
-    acc = torch.zeros(ctx.shape, dtype=torch.float64)
-    for lvl, w in enumerate(weights):
-        k = w.shape[-1]
-        x = _gelu64(F.conv2d(x, w.double().reshape(C, 1, k, k), padding=k // 2, groups=C))
-        acc = acc + x.permute(0, 2, 3, 1) * g[..., lvl:lvl + 1]
-    pooled = x.mean(dim=(2, 3))
-    acc = acc + _gelu64(pooled)[:, None, None, :] * g[..., L:L + 1]
-    s = 1.0 / (L + 1) if normalize else 1.0
-    return acc * s, pooled
-
-
-def make_inputs(B, H, W, C, ks, dtype, layout, gen):
-    L = len(ks)
-    if layout == "slice":
-        # the f-projection output [B,H,W, C | C | L+1]: ctx and gates are views into it
-        y = torch.randn(B, H, W, 2 * C + L + 1, generator=gen).to(dtype)
-        ctx, gates = y[..., C:2 * C], y[..., 2 * C:]
-    elif layout == "chfirst":
-        # channels-first storage permuted to B,H,W,C (channel stride H*W); gates likewise
-        ctx = torch.randn(B, C, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1)
-        gates = torch.randn(B, L + 1, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1)
-    else:
-        ctx = torch.randn(B, H, W, C, generator=gen).to(dtype)
-        gates = torch.randn(B, H, W, L + 1, generator=gen).to(dtype)
-    # weights ~ 1/k so that the levels stay O(1)
-    weights = [torch.randn(C, k, k, generator=gen) * (1.5 / k) for k in ks]
-    return ctx, gates, weights
+from conftest import TOL, contract_reference, make_contract_inputs, rel_err  # noqa: E402
 
 
 @pytest.fixture
@@ -103,9 +62,10 @@ def test_forward_matches_fp64_reference(case, pinned):
     B, H, W, C, ks, normalize, layout, dtype, tile = case
     pinned(*tile)
     gen = torch.Generator().manual_seed(zlib.crc32(_id(case).encode()))
-    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, layout, gen)
+    ctx, gates, weights = make_contract_inputs(B, H, W, C, ks, dtype, layout, gen=gen)
     out, pooled = focal_context_fwd_triton(ctx, gates, weights, normalize)
-    ref_out, ref_pooled = reference(ctx, gates, weights, normalize)
+    r = contract_reference(ctx, gates, weights, normalize)
+    ref_out, ref_pooled = r["out"], r["pooled"]
 
     assert out.shape == (B, H, W, C) and out.dtype == dtype and out.is_contiguous()
     assert pooled.shape == (B, C) and pooled.dtype == torch.float32 and pooled.is_contiguous()
@@ -120,7 +80,7 @@ def test_nan_inf_propagate_like_reference(dtype, pinned):
     pinned(8, 8, 16)
     B, H, W, C, ks = 2, 7, 9, 20, [3, 5]
     gen = torch.Generator().manual_seed(7)
-    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, "slice", gen)
+    ctx, gates, weights = make_contract_inputs(B, H, W, C, ks, dtype, "slice", gen=gen)
     with torch.no_grad():
         ctx[0, 3, 4, 2] = float("nan")
         ctx[0, 0, 8, 5] = float("inf")   # corner: exercises the zero padding next to an Inf
@@ -128,7 +88,8 @@ def test_nan_inf_propagate_like_reference(dtype, pinned):
         ctx[1, 2, 2, 11] = float("inf")
         gates[1, 5, 5, 0] = float("nan")
     out, pooled = focal_context_fwd_triton(ctx, gates, weights, True)
-    ref_out, ref_pooled = reference(ctx, gates, weights, True)
+    r = contract_reference(ctx, gates, weights, True)
+    ref_out, ref_pooled = r["out"], r["pooled"]
     for got, ref in ((out, ref_out), (pooled, ref_pooled)):
         got = got.double()
         assert torch.equal(torch.isnan(got), torch.isnan(ref))
@@ -143,7 +104,7 @@ def test_nan_inf_propagate_like_reference(dtype, pinned):
 def test_deterministic_and_inputs_untouched(pinned):
     pinned(8, 8, 32)
     gen = torch.Generator().manual_seed(3)
-    ctx, gates, weights = make_inputs(2, 5, 9, 20, [3, 5], torch.float32, "slice", gen)
+    ctx, gates, weights = make_contract_inputs(2, 5, 9, 20, [3, 5], torch.float32, "slice", gen=gen)
     snap = (ctx.clone(), gates.clone(), [w.clone() for w in weights])
     o1, p1 = focal_context_fwd_triton(ctx, gates, weights, False)
     o2, p2 = focal_context_fwd_triton(ctx, gates, weights, False)
