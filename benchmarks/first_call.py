@@ -15,18 +15,19 @@ The default shape is FocalNet-T stage 1 at batch 2 (2x56x56x96, L=3 with kernel 
 channels-last), on whatever backend `auto` picks (the native CPU kernel on a CPU machine).
 
 Measured on a 2-core Intel Xeon (AVX-512; focalnet_kernels._C ISA avx512, torch ISA AVX512), torch
-2.13.0+cpu, python 3.11, 2 threads, default shape, 5 runs each, medians, the two trees run one after
-the other on a machine shared with other jobs (the steady forward was 0.024 s when it was quiet):
+2.13.0+cpu, python 3.11, 2 threads, default shape, 5 runs each, medians; the two trees one right
+after the other, twice, on a machine shared with other jobs (with 2 OpenMP threads on 2 busy cores
+the steady forward itself ranged from 0.002 to 0.06 s):
                             import torch  import focalnet_kernels  first fwd  steady fwd  overhead
-  before (f8fd9e1)              2.32 s           0.028 s             2.23 s     0.036 s    2.19 s
-  after                         2.25 s           0.032 s             0.094 s    0.036 s    0.085 s
-The 2.2 s were torch.library.custom_op's implementation wrapper importing torch._dynamo (with sympy,
-Inductor and triton) at the first call, plus ~0.1 s importing torch.onnx to ask whether an ONNX
-export is running (ops.py says how both are avoided). What is left (a cProfile of the first call:
-~0.05 s of ~0.06 s) is inside the native kernel's first run, not broken down further (OpenMP
-thread start and first touch of new memory are the likely parts; this machine's load hid them).
-The first forward+backward after that costs nothing extra (within the noise, before and after). `import focalnet_kernels` is ~0.03 s on top of `import
-torch`, which is where the import time goes.
+  busy   before (f8fd9e1)       2.32 s           0.028 s             2.23 s     0.036 s    2.19 s
+         after                  2.25 s           0.032 s             0.094 s    0.036 s    0.085 s
+  quiet  before (f8fd9e1)       1.60 s           0.017 s             1.52 s     0.024 s    1.49 s
+         after                  1.25 s           0.018 s             0.006 s    0.002 s    0.004 s
+The 1.5-2.2 s were torch.library.custom_op's implementation wrapper importing torch._dynamo (with
+sympy, Inductor and triton) at the first call, plus ~0.1 s importing torch.onnx to ask whether an
+ONNX export is running (ops.py says how both are avoided). The first forward+backward after the
+first forward costs 0.005 s more than later ones, before and after. `import focalnet_kernels` is
+~0.02-0.03 s on top of `import torch`, which is where the import time goes.
 """
 from __future__ import annotations
 
