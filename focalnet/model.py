@@ -62,7 +62,9 @@ class DropPath(nn.Module):
 
 class Mlp(nn.Module):
     """fc1 -> GELU -> dropout -> fc2 -> dropout (on channels-last tokens). With use_fused the two
-    projections go through ``focalnet_kernels.linear`` (GELU as fc1's epilogue)."""
+    projections go through ``focalnet_kernels.mlp_gelu`` (GELU as fc1's epilogue; in training the
+    GELU output is recomputed in the backward instead of saved), or, with an active inner dropout,
+    two ``focalnet_kernels.linear`` calls."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0, use_fused: bool = False):
         super().__init__()
@@ -73,6 +75,9 @@ class Mlp(nn.Module):
         self.use_fused = bool(use_fused)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.use_fused and not (self.training and self.drop.p > 0):
+            return self.drop(focalnet_kernels.mlp_gelu(x, self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                                       self.fc2.bias))
         if self.use_fused:
             h = focalnet_kernels.linear(x, self.fc1.weight, self.fc1.bias, activation="gelu")
             return self.drop(focalnet_kernels.linear(self.drop(h), self.fc2.weight, self.fc2.bias))
@@ -136,14 +141,14 @@ class FocalModulation(nn.Module):
         out = q * self.h(ctx_all)
         return out.permute(0, 2, 3, 1).contiguous()
 
-    def _context_fused(self, y: Tensor) -> Tensor:
-        """Fused focal-context stage (channels-last throughout); returns q * modulator."""
+    def _context_fused(self, y: Tensor, proj: bool = False) -> Tensor:
+        """Fused focal modulation from the f output (channels-last throughout): q * modulator, and
+        proj applied to it when `proj` (``focalnet_kernels.focal_modulation``)."""
         C = self.dim
-        q, ctx, gates = y[..., :C], y[..., C:2 * C], y[..., 2 * C:]
-        ctx_all = focalnet_kernels.focal_context(
-            ctx, gates, [layer[0].weight for layer in self.focal_layers], normalize=self.normalize_modulator)
-        modulator = focalnet_kernels.linear(ctx_all, self.h.weight.reshape(C, C), self.h.bias)
-        return q * modulator
+        return focalnet_kernels.focal_modulation(
+            y, [layer[0].weight for layer in self.focal_layers], self.h.weight.reshape(C, C), self.h.bias,
+            self.proj.weight if proj else None, self.proj.bias if proj else None,
+            normalize=self.normalize_modulator)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.use_fused:
@@ -151,9 +156,10 @@ class FocalModulation(nn.Module):
             if self.use_postln_in_modulation:
                 out = self.ln(out)
             return self.proj_drop(self.proj(out))
-        out = self._context_fused(focalnet_kernels.linear(x, self.f.weight, self.f.bias))
-        if self.use_postln_in_modulation:
-            out = self.ln(out)
+        y = focalnet_kernels.linear(x, self.f.weight, self.f.bias)
+        if not self.use_postln_in_modulation:
+            return self.proj_drop(self._context_fused(y, proj=True))
+        out = self.ln(self._context_fused(y))
         return self.proj_drop(focalnet_kernels.linear(out, self.proj.weight, self.proj.bias))
 
     def extra_repr(self) -> str:

@@ -1,7 +1,9 @@
 """focalnet_kernels: fused kernels for the focal-context stage of Focal Modulation Networks.
 
 The library knows nothing of the model: functional entry points `focal_context` (the focal-context
-stage) and `linear` (a linear layer with an optional GELU epilogue), each with its `*_ref` beside it.
+stage) and `linear` (a linear layer with an optional GELU epilogue), each with its `*_ref` beside it;
+and, built from them, training-memory-lean compositions that recompute cheap intermediates in the
+backward (`mlp_gelu`, `modulation_tail`, `focal_modulation`: focalnet_kernels/recompute.py).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ except ImportError as _e:  # pragma: no cover - depends on the install
 from .ops import BACKENDS, backend_calls, focal_context, select_backend  # noqa: E402
 from .reference import focal_context_ref  # noqa: E402
 from .linear import LINEAR_BACKENDS, linear, linear_ref, select_linear_backend  # noqa: E402
+from .recompute import focal_modulation, mlp_gelu, modulation_tail  # noqa: E402
 from .fuse import fuse, is_fused, unfuse  # noqa: E402
 
 
@@ -39,4 +42,4 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["focal_context", "linear", "linear_ref", "select_linear_backend", "LINEAR_BACKENDS", "fuse", "unfuse", "is_fused", "focal_context_ref", "build_info", "select_backend", "backend_calls", "BACKENDS"]
+__all__ = ["focal_context", "linear", "linear_ref", "focal_modulation", "mlp_gelu", "modulation_tail", "select_linear_backend", "LINEAR_BACKENDS", "fuse", "unfuse", "is_fused", "focal_context_ref", "build_info", "select_backend", "backend_calls", "BACKENDS"]

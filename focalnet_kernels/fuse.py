@@ -5,9 +5,10 @@
 - timm >= 0.9 (`FocalModulation`, channels-first, 1×1 convs f / h / proj, optional LayerNorm2d `norm`),
 - the official microsoft/FocalNet code and older timm (`FocalModulation`, Linear f / proj, 1×1 conv h),
 - this project's model (anything with `set_fused`), which is simply switched to its fused path.
-Each recognised module's class is swapped for a subclass whose forward calls the fused op (and runs
-its projections through `focalnet_kernels.linear`); the
-parameters, buffers and state-dict keys stay exactly as they were, and `unfuse` swaps the class back.
+Each recognised module's class is swapped for a subclass whose forward runs the modulation through
+`focal_modulation` (the fused op, then h and the output projection with their inputs recomputed in the
+backward) and the input projection through `focalnet_kernels.linear`; the parameters, buffers and
+state-dict keys stay exactly as they were, and `unfuse` swaps the class back.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linear import linear
-from .ops import focal_context
+from .recompute import focal_modulation
 
 _FUSED_CLASSES: Dict[type, type] = {}
 
@@ -31,52 +32,61 @@ def _weights(m):
     return [layer[0].weight for layer in m.focal_layers]
 
 
-def _modulate(m, y, h_conv):
-    """From the f-projection output (B,H,W,2C+L+1, channels-last) to q * h(ctx_all)."""
-    C = h_conv.weight.shape[0]
-    q, ctx, gates = y[..., :C], y[..., C : 2 * C], y[..., 2 * C :]
-    ctx_all = focal_context(ctx, gates, _weights(m), normalize=bool(m.normalize_modulator))
-    return q * linear(ctx_all, h_conv.weight.reshape(C, C), h_conv.bias)
+def _as_2d(mod: nn.Module):
+    """(weight [out, in], bias) of a plain nn.Linear or of a (timm's 1x1) nn.Conv2d; None for any other
+    module (a quantised or LoRA Linear, say), which is then called as it is."""
+    if type(mod) is nn.Linear:
+        return mod.weight, mod.bias
+    if isinstance(mod, nn.Conv2d):
+        return mod.weight.reshape(mod.weight.shape[0], -1), mod.bias
+    return None
 
 
 def _project(mod: nn.Module, x):
-    """A plain nn.Linear through focalnet_kernels.linear; any other module (a quantised or LoRA
-    Linear, say) is called as it is."""
-    if type(mod) is nn.Linear:
-        return linear(x, mod.weight, mod.bias)
-    return mod(x)
+    """A plain Linear (or 1x1 conv, on channels-last x) through focalnet_kernels.linear; any other
+    module is called as it is."""
+    wb = _as_2d(mod)
+    return mod(x) if wb is None else linear(x, *wb)
+
+
+def _modulate(m, y, h_conv, proj: Optional[nn.Module] = None):
+    """From the f-projection output (B,H,W,2C+L+1, channels-last) to q * h(ctx_all), through
+    focalnet_kernels.focal_modulation; then `proj` when given (inside it when proj is a plain
+    Linear or 1x1 conv, whose input is then recomputed in the backward instead of saved)."""
+    C = h_conv.weight.shape[0]
+    pw = _as_2d(proj) if proj is not None else None
+    out = focal_modulation(y, _weights(m), h_conv.weight.reshape(C, C), h_conv.bias, *(pw or (None, None)),
+                           normalize=bool(m.normalize_modulator))
+    return out if proj is None or pw is not None else proj(out)
 
 
 def _fused_forward_hf(self, hidden_state):
-    x = _modulate(self, _project(self.projection_in, hidden_state), self.projection_context)
-    if self.use_post_layernorm_in_modulation:
-        x = self.layernorm(x)
+    y = _project(self.projection_in, hidden_state)
+    if not self.use_post_layernorm_in_modulation:
+        return self.projection_dropout(_modulate(self, y, self.projection_context, self.projection_out))
+    x = self.layernorm(_modulate(self, y, self.projection_context))
     return self.projection_dropout(_project(self.projection_out, x))
 
 
 def _fused_forward_official(self, x):
-    x = _modulate(self, _project(self.f, x), self.h)
-    if getattr(self, "use_postln_in_modulation", False):
-        x = self.ln(x)
-    return self.proj_drop(_project(self.proj, x))
-
-
-def _conv1x1_as_linear(conv: nn.Conv2d, x_cl):
-    return linear(x_cl, conv.weight.reshape(conv.weight.shape[0], -1), conv.bias)
+    y = _project(self.f, x)
+    if not getattr(self, "use_postln_in_modulation", False):
+        return self.proj_drop(_modulate(self, y, self.h, self.proj))
+    return self.proj_drop(_project(self.proj, self.ln(_modulate(self, y, self.h))))
 
 
 def _fused_forward_timm(self, x):
     # timm keeps NCHW maps; the fused op wants channels-last, so the three 1×1 convs run as Linears
     # on channels-last tokens (same math) and the result goes back to NCHW.
-    y = _conv1x1_as_linear(self.f, x.permute(0, 2, 3, 1))
-    out = _modulate(self, y, self.h)
+    y = _project(self.f, x.permute(0, 2, 3, 1))
     norm = self.norm
-    if isinstance(norm, nn.LayerNorm) or type(norm).__name__ in ("LayerNorm2d", "LayerNorm"):
-        out = F.layer_norm(out, (out.shape[-1],), norm.weight, norm.bias, norm.eps)
-    elif not isinstance(norm, nn.Identity):
+    if isinstance(norm, nn.Identity):
+        return self.proj_drop(_modulate(self, y, self.h, self.proj).permute(0, 3, 1, 2))
+    if not (isinstance(norm, nn.LayerNorm) or type(norm).__name__ in ("LayerNorm2d", "LayerNorm")):
         raise TypeError(f"fuse: timm FocalModulation with an unsupported norm {type(norm).__name__}")
-    out = _conv1x1_as_linear(self.proj, out).permute(0, 3, 1, 2)
-    return self.proj_drop(out)
+    out = _modulate(self, y, self.h)
+    out = F.layer_norm(out, (out.shape[-1],), norm.weight, norm.bias, norm.eps)
+    return self.proj_drop(_project(self.proj, out).permute(0, 3, 1, 2))
 
 
 def _kind(m: nn.Module) -> Optional[Tuple[str, Callable]]:

@@ -191,7 +191,7 @@ def test_fused_matches_eager(kw, monkeypatch):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(focalnet_kernels, "focal_context", spy)
+    monkeypatch.setattr(focalnet_kernels.recompute, "focal_context", spy)  # focal_modulation calls it
     with torch.no_grad():
         eager = m(x)
         assert not calls
@@ -219,7 +219,7 @@ def test_fused_passes_channels_last_view(monkeypatch):
         seen.update(ctx=ctx, gates=gates, kernels=kernels, normalize=normalize)
         return real(ctx, gates, kernels, normalize=normalize)
 
-    monkeypatch.setattr(focalnet_kernels, "focal_context", spy)
+    monkeypatch.setattr(focalnet_kernels.recompute, "focal_context", spy)  # focal_modulation calls it
     m = small(normalize_modulator=True, use_fused=True).eval()
     with torch.no_grad():
         m(torch.randn(1, 3, 16, 16))
