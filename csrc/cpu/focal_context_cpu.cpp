@@ -24,10 +24,12 @@ namespace cpu {
 namespace isa_base {
 #define FC_NX 2
 #define FC_NJ 2
+#define FC_VW 0
 #define FC_REGW 0
 #include "focal_context_cpu_kernels.inc"
 #undef FC_NX
 #undef FC_NJ
+#undef FC_VW
 #undef FC_REGW
 }  // namespace isa_base
 

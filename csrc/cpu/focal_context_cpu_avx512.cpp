@@ -1,5 +1,6 @@
 // focal_context CPU kernels compiled for AVX-512 (512-bit vectors; with 32 registers the conv and
-// weight-gradient kernels keep whole kernel rows and 8-16 output pixels in registers: FC_REGW).
+// weight-gradient kernels keep whole kernel rows and 8-16 output pixels in registers: FC_VW = 16,
+// FC_REGW).
 // Selected at run time by focal_context_cpu.cpp only when the CPU supports it; the rest of the
 // extension stays baseline, so the wheel runs anywhere. System headers come before the target
 // pragma, and the kernels instantiate no std template (see focal_context_cpu_kernels.inc).
@@ -24,10 +25,12 @@ namespace cpu {
 namespace isa_avx512 {
 #define FC_NX 8
 #define FC_NJ 8
+#define FC_VW 16
 #define FC_REGW 1
 #include "focal_context_cpu_kernels.inc"
 #undef FC_NX
 #undef FC_NJ
+#undef FC_VW
 #undef FC_REGW
 }  // namespace isa_avx512
 }  // namespace cpu
