@@ -51,7 +51,9 @@ int64_t focal_context_workspace_bytes_cpu(const FocalContextArgs& a, bool backwa
 void focal_context_fwd_cpu(const FocalContextArgs& a);
 void focal_context_bwd_cpu(const FocalContextArgs& a);
 // The instruction-set path the CPU functions run with now ("avx512", "avx2" or "base": the best the
-// CPU has, capped by FOCALNET_CPU_ISA), so tests can prove which kernel instantiation ran.
+// CPU has, capped by FOCALNET_CPU_ISA), so tests can prove which kernel instantiation ran. It, and
+// the CPU functions, throw std::invalid_argument for a FOCALNET_CPU_ISA other than auto, avx512,
+// avx2 or base (case and surrounding whitespace ignored; unset or empty: auto).
 const char* focal_context_cpu_isa();
 
 #ifdef FOCALNET_WITH_CUDA

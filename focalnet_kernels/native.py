@@ -13,10 +13,14 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-__all__ = ["available", "build_info", "focal_context_fwd_native", "focal_context_bwd_native"]
+from .dispatch import forced_backend, warn_once
+
+__all__ = ["available", "build_info", "cpu_isa", "focal_context_fwd_native", "focal_context_bwd_native"]
 
 _DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _MAX_LEVELS = 4
+#: FOCALNET_CPU_ISA values (case and surrounding whitespace ignored; unset or empty = auto).
+CPU_ISAS = ("auto", "avx512", "avx2", "base")
 
 def _ext():
     """The compiled extension, or None: the package imports it once (and warns why when it cannot)."""
@@ -53,6 +57,31 @@ def _require_ext(device_type: str):
             f"(BUILD_INFO={dict(mod.BUILD_INFO)})"
         )
     return mod
+
+
+def _cpu_isa_env() -> str:
+    """FOCALNET_CPU_ISA, read now, normalised (ValueError naming the variable, the value and the
+    choices for anything but auto / empty / unset, avx512, avx2, base, in any case, with any
+    surrounding whitespace). The C++ side parses it the same way, and throws for a bad value too."""
+    return forced_backend("FOCALNET_CPU_ISA", CPU_ISAS)
+
+
+def _cpu_isa_ran(mod, want: str) -> str:
+    got = str(mod.focal_context_cpu_isa())
+    if want != "auto" and got != want:   # capped to the best the CPU has
+        warn_once(("FOCALNET_CPU_ISA", want, got),
+                  f"FOCALNET_CPU_ISA={want}: this CPU does not support it, the CPU kernels run {got}")
+    return got
+
+
+def cpu_isa() -> str:
+    """The instruction-set path the CPU kernels run with now: "avx512", "avx2" or "base".
+
+    FOCALNET_CPU_ISA (read at each call) picks it: `auto` (or unset / empty) the best the CPU has;
+    `avx512`, `avx2` or `base` that path, capped to the best the CPU has (with a RuntimeWarning once
+    per process and value); any other value raises ValueError."""
+    want = _cpu_isa_env()
+    return _cpu_isa_ran(_require_ext("cpu"), want)
 
 
 def _check(ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor]) -> Tuple[int, ...]:
@@ -131,11 +160,14 @@ def focal_context_fwd_native(
     ctx's dtype, and pooled = mean_{H,W} x_L as float32 [B, C] (saved for backward)."""
     B, H, W, C, L = _check(ctx, gates, weights)
     dev = ctx.device
+    isa = _cpu_isa_env() if dev.type == "cpu" else None
     out = torch.empty((B, H, W, C), dtype=ctx.dtype, device=dev)
     pooled = torch.empty((B, C), dtype=torch.float32, device=dev)
     if out.numel() == 0:
         return out.zero_(), pooled.zero_()
     mod = _require_ext(dev.type)
+    if isa is not None:
+        _cpu_isa_ran(mod, isa)
     w32 = _weights_f32(weights)
     with _DeviceGuard(dev):
         a = _base_args(mod, ctx, gates, w32, normalize)
@@ -161,12 +193,15 @@ def focal_context_bwd_native(
     if tuple(grad_out.shape) != (B, H, W, C) or grad_out.dtype != ctx.dtype or grad_out.device != ctx.device:
         raise ValueError("grad_out must match ctx in shape, dtype and device")
     dev = ctx.device
+    isa = _cpu_isa_env() if dev.type == "cpu" else None
     grad_ctx = torch.empty((B, H, W, C), dtype=ctx.dtype, device=dev)
     grad_gates = torch.empty((B, H, W, L + 1), dtype=ctx.dtype, device=dev)
     grad_weights = [torch.empty(tuple(w.shape), dtype=torch.float32, device=dev) for w in weights]
     if grad_ctx.numel() == 0:
         return grad_ctx.zero_(), grad_gates.zero_(), [g.zero_() for g in grad_weights]
     mod = _require_ext(dev.type)
+    if isa is not None:
+        _cpu_isa_ran(mod, isa)
     w32 = _weights_f32(weights)
     pooled32 = pooled.detach().to(device=dev, dtype=torch.float32).contiguous()
     if tuple(pooled32.shape) != (B, C):

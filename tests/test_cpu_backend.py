@@ -310,6 +310,70 @@ def test_isa_path(isa, monkeypatch):
             assert rel_err(a, b) < tol, f"{isa} {dtype} {name}: {rel_err(a, b):.3e}"
 
 
+@pytest.mark.parametrize("value", ["avx9", "none", "sse2", "generic", "avx-512", "avx2 avx512", "0", "AVX"])
+def test_cpu_isa_rejects_unknown_values(value, monkeypatch):
+    """FOCALNET_CPU_ISA with anything but auto / avx512 / avx2 / base (any case, surrounding
+    whitespace) raises ValueError naming the variable, the value and the choices: in the Python op
+    (forward and backward) and in the C++ extension alone; it never silently runs another path."""
+    ctx, gates, weights, grad_out = make_inputs(1, 5, 6, 16, (3,), seed=3)
+    out, pooled = native.focal_context_fwd_native(ctx, gates, weights, False)
+    monkeypatch.setenv("FOCALNET_CPU_ISA", value)
+    for call in (lambda: native.focal_context_fwd_native(ctx, gates, weights, False),
+                 lambda: native.focal_context_bwd_native(grad_out, ctx, gates, weights, pooled, False),
+                 native.cpu_isa):
+        with pytest.raises(ValueError, match="FOCALNET_CPU_ISA") as e:
+            call()
+        assert repr(value.strip().lower()) in str(e.value) and "avx512, avx2, base" in str(e.value)
+    with pytest.raises(ValueError, match="FOCALNET_CPU_ISA") as e:
+        _C.focal_context_cpu_isa()
+    assert repr(value) in str(e.value)
+    a = _C.FocalContextArgs()   # the C++ entry points, called directly, throw too
+    a.B, a.H, a.W, a.C, a.L = 1, 5, 6, 16, 1
+    a.ksize = [3, 0, 0, 0]
+    a.ctx, a.ctx_stride = ctx.data_ptr(), list(ctx.stride())
+    a.gates, a.gates_stride = gates.data_ptr(), list(gates.stride())
+    a.weight = [weights[0].data_ptr(), 0, 0, 0]
+    o = torch.empty(1, 5, 6, 16)
+    p = torch.empty(1, 16)
+    a.out, a.pooled = o.data_ptr(), p.data_ptr()
+    need = _C.focal_context_workspace_bytes_cpu(a, False)
+    ws = torch.empty(need, dtype=torch.uint8)
+    a.workspace, a.workspace_bytes = ws.data_ptr(), need
+    with pytest.raises(ValueError, match="FOCALNET_CPU_ISA"):
+        _C.focal_context_fwd_cpu(a)
+
+
+def test_cpu_isa_case_and_whitespace(monkeypatch):
+    """Values are compared without case and surrounding whitespace ("" and "auto": the best path),
+    in Python and in C++ alike; the op runs the path they name."""
+    best = _supported_isas()[-1]
+    ctx, gates, weights, grad_out = make_inputs(1, 5, 6, 16, (3, 5), seed=3)
+    ref = None
+    for value, want in [(" AVX2 ", "avx2"), ("\tBase\n", "base"), ("AVX512", "avx512"), ("", best),
+                        (" Auto", best), ("avx2", "avx2")]:
+        if want not in _supported_isas():
+            continue
+        monkeypatch.setenv("FOCALNET_CPU_ISA", value)
+        assert _C.focal_context_cpu_isa() == want, value
+        assert native.cpu_isa() == want, value
+        out, pooled, gc, gg, gw = run_native(ctx, gates, weights, False, grad_out)
+        if ref is None:
+            ref = reference_grads(ctx, gates, weights, False, grad_out)
+        assert rel_err(out, ref[0]) < 1e-5 and rel_err(gc, ref[2]) < 1e-5, value
+    monkeypatch.delenv("FOCALNET_CPU_ISA")
+    assert _C.focal_context_cpu_isa() == best and native.cpu_isa() == best
+
+
+@pytest.mark.skipif("avx512" in _supported_isas(), reason="this CPU has AVX-512: nothing to cap")
+def test_cpu_isa_capped_to_the_cpu(monkeypatch):
+    """A path above the CPU's runs the best the CPU has, with one RuntimeWarning saying so."""
+    best = _supported_isas()[-1]
+    monkeypatch.setenv("FOCALNET_CPU_ISA", "avx512")
+    assert _C.focal_context_cpu_isa() == best
+    with pytest.warns(RuntimeWarning, match="FOCALNET_CPU_ISA=avx512"):
+        assert native.cpu_isa() == best
+
+
 @pytest.mark.parametrize("isa", _supported_isas())
 def test_gelu_pointwise_accuracy(isa, monkeypatch):
     """GELU and GELU' value by value on a dense grid of [-10, 10] (every interval edge of the

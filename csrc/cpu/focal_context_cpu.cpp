@@ -6,7 +6,7 @@
 // baseline (this file: SSE2 on x86-64, or whatever the target's default is), AVX2+FMA
 // (focal_context_cpu_avx2.cpp) or AVX-512 (focal_context_cpu_avx512.cpp). The extension itself is
 // built without -march, so it runs on any CPU of the architecture. FOCALNET_CPU_ISA=base|avx2|avx512
-// caps the choice (tests use it to check every path).
+// caps the choice (tests use it to check every path; parsing in choose_isa).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -160,14 +160,26 @@ Isa best_isa() {
   return Isa::kBase;
 }
 
+// FOCALNET_CPU_ISA, read at each call, compared without case and surrounding whitespace:
+// unset, empty or `auto`: the best the CPU has; `avx512`, `avx2`, `base`: that path, capped to the
+// best the CPU has (so `avx512` on an AVX2-only CPU runs avx2; focalnet_kernels.native warns once
+// when it caps). Any other value throws std::invalid_argument (ValueError in Python) naming the
+// variable, the value and the choices: a typo never silently runs another path.
 Isa choose_isa() {
   static const Isa best = best_isa();
   Isa want = best;
   if (const char* e = std::getenv("FOCALNET_CPU_ISA")) {
-    const std::string v(e);
-    if (v == "base" || v == "generic" || v == "sse2") want = Isa::kBase;
+    std::string v(e);
+    const char* ws = " \t\n\r\f\v";
+    const size_t b = v.find_first_not_of(ws);
+    v = (b == std::string::npos) ? std::string() : v.substr(b, v.find_last_not_of(ws) - b + 1);
+    for (char& c : v) c = (c >= 'A' && c <= 'Z') ? (char)(c - 'A' + 'a') : c;
+    if (v == "base") want = Isa::kBase;
     else if (v == "avx2") want = Isa::kAvx2;
     else if (v == "avx512") want = Isa::kAvx512;
+    else if (!v.empty() && v != "auto")
+      throw std::invalid_argument(std::string("FOCALNET_CPU_ISA='") + e +
+                                  "' is not one of auto, avx512, avx2, base");
   }
   return (int)want < (int)best ? want : best;
 }
