@@ -89,17 +89,45 @@ def _fused_forward_timm(self, x):
     return self.proj_drop(_project(self.proj, out).permute(0, 3, 1, 2))
 
 
-def _kind(m: nn.Module) -> Optional[Tuple[str, Callable]]:
+_FORWARDS: Dict[str, Callable] = {"transformers": _fused_forward_hf, "timm": _fused_forward_timm,
+                                   "official": _fused_forward_official}
+
+
+def _kind(m: nn.Module) -> Optional[str]:
     if not hasattr(m, "focal_layers") or not isinstance(getattr(m, "focal_layers"), nn.ModuleList):
         return None
     if hasattr(m, "projection_in") and hasattr(m, "projection_context"):
-        return "transformers", _fused_forward_hf
+        return "transformers"
     if hasattr(m, "f") and hasattr(m, "h") and hasattr(m, "proj"):
         if isinstance(m.f, nn.Conv2d):
-            return "timm", _fused_forward_timm
+            return "timm"
         if isinstance(m.f, nn.Linear):
-            return "official", _fused_forward_official
+            return "official"
     return None
+
+
+def _fused_class(cls: type, kind: str) -> type:
+    """The fused subclass of `cls` (made once per class and kept): its forward is the fused one of `kind`.
+    It is made at run time, so pickle cannot find it by name: its instances pickle as the original,
+    importable class plus `kind` (_reduce_fused), and unpickling makes the subclass again (_new_fused),
+    also in a process where fuse() never ran."""
+    fused_cls = _FUSED_CLASSES.get(cls)
+    if fused_cls is None:
+        fused_cls = type(f"Fused{cls.__name__}", (cls,), {
+            "forward": _FORWARDS[kind], "_focalnet_fused": True, "_focalnet_unfused_class": cls,
+            "_focalnet_kind": kind, "__reduce_ex__": _reduce_fused})
+        _FUSED_CLASSES[cls] = fused_cls
+    return fused_cls
+
+
+def _new_fused(cls: type, kind: str):
+    return object.__new__(_fused_class(cls, kind))
+
+
+def _reduce_fused(self, protocol):
+    # object's own reduction (copyreg.__newobj__, state, ...) with the constructor call replaced
+    rv = object.__reduce_ex__(self, max(protocol, 2))
+    return (_new_fused, (type(self)._focalnet_unfused_class, type(self)._focalnet_kind)) + tuple(rv[2:])
 
 
 def _check_supported(name: str, m: nn.Module) -> None:
@@ -129,14 +157,7 @@ def fuse(model: nn.Module) -> nn.Module:
         if kind is None:
             continue
         _check_supported(name or type(m).__name__, m)
-        cls = type(m)
-        fused_cls = _FUSED_CLASSES.get(cls)
-        if fused_cls is None:
-            fused_cls = type(f"Fused{cls.__name__}", (cls,), {
-                "forward": kind[1], "_focalnet_fused": True, "_focalnet_unfused_class": cls,
-                "_focalnet_kind": kind[0]})
-            _FUSED_CLASSES[cls] = fused_cls
-        m.__class__ = fused_cls
+        m.__class__ = _fused_class(type(m), kind)
         found += 1
     if found == 0:
         raise TypeError(f"fuse: found no focal modulation module in {type(model).__name__}: expected a "

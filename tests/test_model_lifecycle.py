@@ -83,13 +83,8 @@ COPIERS = {"deepcopy": copy.deepcopy, "pickle": lambda m: pickle.loads(pickle.du
            "torch.save": _torch_save_load}
 
 # fuse() swaps a third-party modulation's class for a subclass made at run time
-# (focalnet_kernels.fuse.Fused<Name>), which pickle cannot find by name. Needs a fix in
-# focalnet_kernels/fuse.py (not this test's file): the fused class reduces to (a module-level
-# constructor, (original class, kind)) so it is rebuilt on load.
-FUSED_CLASS_PICKLE = pytest.mark.xfail(
-    raises=(pickle.PicklingError, AttributeError), strict=True,
-    reason="fuse(): the run-time fused class cannot be pickled by reference (fix in focalnet_kernels/fuse.py)")
-
+# (focalnet_kernels.fuse.Fused<Name>), which pickle cannot find by name: its instances pickle as
+# (original class, kind) and the subclass is made again on load, also in a fresh process.
 
 # ---------------------------------------------------------------------------------------------
 # save / load, pickle, deepcopy
@@ -118,8 +113,7 @@ def test_copy_of_our_fused_model(how, fused_backend):
     _check_copy(model, COPIERS[how](model), torch.randn(2, 3, 20, 27), fused_backend, blocks=3)
 
 
-@pytest.mark.parametrize("how", [pytest.param(h, marks=FUSED_CLASS_PICKLE) if h != "deepcopy" else h
-                                 for h in COPIERS])
+@pytest.mark.parametrize("how", list(COPIERS))
 def test_copy_of_a_fused_transformers_model(how, fused_backend):
     model = fk.fuse(_hf()).eval()
     _check_copy(model, COPIERS[how](model), torch.randn(2, 3, 20, 27), fused_backend, blocks=3)
@@ -142,7 +136,7 @@ print("ok")
 
 
 @pytest.mark.skipif("cpu" not in BACKEND, reason="the fresh process runs the native CPU kernel")
-@pytest.mark.parametrize("which", ["ours", pytest.param("transformers", marks=FUSED_CLASS_PICKLE)])
+@pytest.mark.parametrize("which", ["ours", "transformers"])
 def test_torch_load_in_a_fresh_process(which, tmp_path):
     model = (_ours().set_fused(True) if which == "ours" else fk.fuse(_hf())).eval()
     x = torch.randn(1, 3, 24, 24)
