@@ -53,15 +53,16 @@ def inference_table(res: Dict, kind: str = "inference") -> str:
         row = [e["label"], e["mode"], e["dtype"], str(e["batch"]), _fmt(e.get("median_img_s")),
                _fmt(e.get("median_ms"), ".2f"), _fmt(sp, ".2f") + ("x" if sp else "")]
         if kind == "training":
-            pm = e.get("peak_mem_bytes")
-            row.append(_fmt(pm / 2 ** 20 if pm else None, ".0f"))
+            row += [_fmt(e[k] / 2 ** 20 if e.get(k) else None, ".0f")
+                    for k in ("saved_activation_bytes", "peak_mem_bytes")]
         else:
             row.append(_fmt(comp, ".1f"))
         row += [_backend_str(e) or "-", status]
         rows.append(row)
-    head = ["model", "mode", "dtype", "batch", "img/s", "ms/iter", "vs eager",
-            "peak MiB" if kind == "training" else "compile s", "kernel", "status"]
-    return _table(head, rows, "llllrrrrll")
+    head = ["model", "mode", "dtype", "batch", "img/s", "ms/iter", "vs eager"]
+    head += ["saved activations MiB", "peak MiB"] if kind == "training" else ["compile s"]
+    head += ["kernel", "status"]
+    return _table(head, rows, "llllrrr" + "r" * (len(head) - 9) + "ll")
 
 
 def op_table(res: Dict) -> str:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from . import models as M
 from . import op_bench
+from .activation_memory import NOTE as SAVED_ACTIVATIONS_NOTE, saved_activation_bytes
 from . import peers
 from .common import (DTYPE_NAMES, Budget, env_var, free_memory, is_oom, l2_bytes, log, median, n_buffers,
                      short_exc, sync, time_loop, wall)
@@ -444,7 +445,8 @@ def task_equivalence(run: Run, size: str, dtype: torch.dtype, batch: int) -> Non
 
 
 def task_training(run: Run, size: str, dtype: torch.dtype, batch: int, modes: Sequence[str]) -> None:
-    """Training step (forward, backward, AdamW) throughput and peak memory, fresh train-mode models."""
+    """Training step (forward, backward, AdamW) throughput, saved activations of one forward (every
+    device) and peak memory of one step (CUDA), fresh train-mode models."""
     cfg = run.cfg
     names = [n for n in cfg.models if M.size_of(n) == size]
     run.drop_models(keep=[n for n in run.pool if M.size_of(n) == size])
@@ -490,11 +492,13 @@ def task_training(run: Run, size: str, dtype: torch.dtype, batch: int, modes: Se
         return
     inputs = _make_inputs(run, batch, seed=7)
     _warm_and_calibrate(run, members, inputs)
-    # peak memory of one step, per member (the other members' states are resident, so the step's own
-    # transient peak is measured and the member's persistent state is added)
+    # per member: the activations one training forward saves for the backward (device-independent),
+    # and on CUDA the peak memory of one step (the other members' states are resident, so the step's
+    # own transient peak is measured and the member's persistent state is added)
     for m, mod, opt in holders:
         if m.status != "ok":
             continue
+        _measure_saved_activations(run, m, mod, inputs[0], dtype)
         if run.device.type != "cuda":
             m.extra["peak_mem_bytes"] = None
             m.extra["peak_mem_note"] = "CPU: no allocator statistics"
@@ -525,6 +529,16 @@ def task_training(run: Run, size: str, dtype: torch.dtype, batch: int, modes: Se
         run.results["training"].append(_member_entry(run, m, "training", batch))
     del holders, members, inputs
     free_memory(run.device)
+
+
+def _measure_saved_activations(run: Run, m: Member, mod, x: torch.Tensor, dtype: torch.dtype) -> None:
+    """m.extra["saved_activation_bytes"]: what one forward of `mod` (as the step runs it) saves."""
+    try:
+        with m.context(), torch.autocast(run.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            saved = saved_activation_bytes(mod, x)["bytes"]
+        m.extra.update(saved_activation_bytes=saved, saved_activation_note=SAVED_ACTIVATIONS_NOTE)
+    except Exception as e:  # a measurement that failed does not fail the timing
+        m.extra.update(saved_activation_bytes=None, saved_activation_note=f"not measured: {short_exc(e)}")
 
 
 def task_op(run: Run, size: str, dtype: torch.dtype, backends: Sequence[str], directions: Sequence[str]) -> None:

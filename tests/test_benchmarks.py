@@ -69,6 +69,7 @@ def test_dry_run_writes_json_png_table(dry_run):
     tr = res["training"]
     assert {e["mode"] for e in tr if e["model"] == "focalnet_tiny_lrf"} >= {"eager", "fused"}
     assert all(e["status"] == "ok" and "peak_mem_bytes" in e for e in tr)
+    assert all(e["saved_activation_bytes"] > 0 for e in tr), [e.get("saved_activation_note") for e in tr]
 
     eq = [e for e in res["equivalence"] if e.get("max_rel_fused_vs_eager") is not None]
     assert {e["dtype"] for e in eq} == {"bf16", "fp16"}
@@ -93,6 +94,7 @@ def test_dry_run_writes_json_png_table(dry_run):
         assert res["files"]["png"] is None and "matplotlib" in res["png_problem"]
     table = (out / "table.txt").read_text()
     assert "Inference" in table and "focal_context op" in table and "FocalNet-T LRF" in table
+    assert "saved activations MiB" in table
 
 
 def test_cpu_default_path_tiny(tmp_path, capsys):
