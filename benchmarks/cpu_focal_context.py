@@ -10,6 +10,31 @@ global term GELU(mean) * g_L. Forward+backward: eager autograd of that graph w.r
 the kernels vs the native forward followed by the native backward (grad_ctx, grad_gates,
 grad_weights). A and B are timed in interleaved repetitions; medians are reported (minima beside
 them: on a shared machine the medians of both sides move with the load).
+
+FOCALNET_CPU_ISA=avx2 runs the AVX2 kernels on an AVX-512 CPU; to time the eager side as an AVX2-only
+CPU would run it too, also set ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (read when torch
+loads).
+
+Measured (issue 13 item 3: the AVX2 path behind the AVX-512 one), stage 1 56x56x96 L=3 fp32 batch 8,
+native ms and x eager, medians of 3 interleaved runs of each build (before: the AVX2 path without
+the register-blocked conv / fused epilogue / polynomial GELU, f8fd9e1; after: with them, e9a7950),
+on a 2-core KVM Intel Xeon (family 6 model 207, AVX-512), torch 2.13 CPU, a loaded shared machine
+(the eager side moves by up to 2x between runs: compare the native columns first):
+
+    OMP_NUM_THREADS=1 FOCALNET_CPU_ISA=avx2 python -m benchmarks.cpu_focal_context --threads 1
+      avx2    fwd  32.9 -> 15.4 ms (1.65x -> 2.84x)   fwd+bwd 101.3 -> 60.4 ms (2.09x -> 3.39x)
+      avx512  fwd  11.3 -> 10.5 ms (4.98x -> 5.69x)   fwd+bwd  40.6 -> 46.5 ms (5.46x -> 5.96x)
+    the same with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (eager as on an AVX2 CPU):
+      avx2    fwd  27.0 -> 14.4 ms (2.63x -> 3.51x)   fwd+bwd 104.0 -> 57.5 ms (2.33x -> 3.81x)
+    default threads (2 here, with another job on one of the cores: slower than one thread):
+      avx2    fwd  48.0 -> 38.0 ms (3.67x -> 4.70x)   fwd+bwd 173.9 -> 111.8 ms (4.06x -> 5.93x)
+      avx512  fwd  31.8 -> 31.8 ms (5.76x -> 5.53x)   fwd+bwd  87.8 -> 87.8 ms (7.45x -> 7.73x)
+
+A C++ loop around focal_context_fwd_cpu / _bwd_cpu (process CPU time, one thread, same shape and
+machine: the quieter measure, by which the avx512 changes above are the benchmark's run-to-run
+noise): forward avx2 26.4 -> 14.5 ms, avx512 7.7 -> 7.7 ms; forward+backward avx2 96 -> 59.6 ms,
+avx512 36.0 -> 34.3 ms. The AVX2 forward is now ~1.9x the AVX-512 one (half the vector width; its
+polynomial GELU is ~40% of it, the AVX-512 tables ~10% of theirs).
 """
 from __future__ import annotations
 
