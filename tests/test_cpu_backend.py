@@ -1,5 +1,5 @@
-"""The native CPU backend (focalnet_kernels._C via focalnet_kernels.native) against an fp64 reference
-written here from the contract math (docs/backend-contract.md): F.conv2d channels-first in fp64,
+"""The native CPU backend (focalnet_kernels._C via focalnet_kernels.native) against the fp64 oracle of
+the contract math in tests/conftest.py (docs/backend-contract.md): F.conv2d channels-first in fp64,
 autograd for the backward. Forward (out, pooled) and backward (grad_ctx, grad_gates, grad_weights),
 fp32 / fp16 / bf16, strided inputs, NaN / Inf propagation, determinism (repeats, thread counts),
 every instruction-set path the CPU supports, argument validation."""
@@ -21,43 +21,15 @@ if not native.available("cpu"):
     )
 
 from focalnet_kernels import _C  # noqa: E402
-from conftest import TOL, rel_err  # noqa: E402
+from conftest import TOL, contract_reference, make_contract_grad_out, make_contract_inputs, rel_err  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------
 # fp64 reference (the contract math)
 
-def reference(ctx, gates, weights, normalize):
-    """out [B,H,W,C], pooled [B,C] by the contract, in the dtype of the inputs (fp64 for the oracle)."""
-    L = len(weights)
-    C = ctx.shape[-1]
-    x = ctx.permute(0, 3, 1, 2)
-    g = gates.permute(0, 3, 1, 2)
-    acc = 0
-    for l, w in enumerate(weights):
-        k = w.shape[-1]
-        x = F.gelu(F.conv2d(x, w.unsqueeze(1), padding=k // 2, groups=C))
-        acc = acc + x * g[:, l : l + 1]
-    pooled = x.mean((2, 3))
-    acc = acc + F.gelu(pooled)[:, :, None, None] * g[:, L:]
-    if normalize:
-        acc = acc / (L + 1)
-    return acc.permute(0, 2, 3, 1), pooled
-
-
 def reference_grads(ctx, gates, weights, normalize, grad_out, dtype=torch.float64):
-    # one torch thread: the fp64 grouped conv runs one tiny slow_conv2d per channel, and a
-    # fork/join per call costs far more than the work on a small (or busy) machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        c = ctx.detach().to(dtype).requires_grad_(True)
-        g = gates.detach().to(dtype).requires_grad_(True)
-        ws = [w.detach().to(dtype).requires_grad_(True) for w in weights]
-        out, pooled = reference(c, g, ws, normalize)
-        out.backward(grad_out.detach().to(dtype))
-    finally:
-        torch.set_num_threads(threads)
-    return out.detach(), pooled.detach(), c.grad, g.grad, [w.grad for w in ws]
+    """(out, pooled, grad_ctx, grad_gates, grad_weights) of the contract in `dtype` (tests/conftest.py)."""
+    r = contract_reference(ctx, gates, weights, normalize, grad_out, dtype=dtype)
+    return r["out"], r["pooled"], r["grad_ctx"], r["grad_gates"], r["grad_w"]
 
 
 def check(name, got, ref64, ref32, tol):
@@ -71,25 +43,12 @@ def check(name, got, ref64, ref32, tol):
 # ------------------------------------------------------------------------------------------------
 # inputs
 
-def make_inputs(B, H, W, C, ks, dtype=torch.float32, layout="fout", seed=0):
-    """ctx, gates (views with the given layout), weights [C,k,k] fp32, grad_out (non-contiguous)."""
+def make_inputs(B, H, W, C, ks, dtype=torch.float32, layout="slice", seed=0):
+    """ctx, gates (views with the given layout: tests/conftest.py), weights [C,k,k] fp32, grad_out
+    (channels-first permuted, non-contiguous)."""
     gen = torch.Generator().manual_seed(seed)
-    L = len(ks)
-    if layout == "fout":   # slices of an f-projection-like output (the real use)
-        y = torch.randn(B, H, W, 2 * C + L + 1, generator=gen).to(dtype)
-        ctx, gates = y[..., C : 2 * C], y[..., 2 * C :]
-    elif layout == "cf":   # channels-first tensors permuted to B x H x W x C
-        ctx = torch.randn(B, C, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1)
-        gates = torch.randn(B, L + 1, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1)
-    elif layout == "wstep":   # every other column of a wider tensor, gates from a transposed map
-        ctx = torch.randn(B, H, 2 * W, C + 3, generator=gen).to(dtype)[:, :, ::2, 1 : C + 1]
-        gates = torch.randn(B, W, H, L + 1, generator=gen).to(dtype).transpose(1, 2)
-    else:
-        ctx = torch.randn(B, H, W, C, generator=gen).to(dtype)
-        gates = torch.randn(B, H, W, L + 1, generator=gen).to(dtype)
-    weights = [(torch.randn(C, k, k, generator=gen) * (1.5 / k)).contiguous() for k in ks]
-    grad_out = torch.randn(B, C, H, W, generator=gen).to(dtype).permute(0, 2, 3, 1)
-    return ctx, gates, weights, grad_out
+    ctx, gates, weights = make_contract_inputs(B, H, W, C, ks, dtype, layout, gen=gen)
+    return ctx, gates, weights, make_contract_grad_out(B, H, W, C, dtype, gen=gen)
 
 
 def run_native(ctx, gates, weights, normalize, grad_out):
@@ -113,7 +72,7 @@ CASES = [
     (13, 17, 64, (3, 5, 7)),
     (13, 17, 20, (9, 11, 13, 15)),
 ]
-LAYOUTS = ["fout", "cf", "wstep", "contig"]
+LAYOUTS = ["slice", "chfirst", "wstep", "contig"]
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -141,7 +100,7 @@ def test_fp32_forward_backward(case, normalize):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("case", [(7, 9, 20, (3, 5, 7), "fout"), (13, 17, 64, (3, 5), "cf"),
+@pytest.mark.parametrize("case", [(7, 9, 20, (3, 5, 7), "slice"), (13, 17, 64, (3, 5), "chfirst"),
                                   (13, 17, 20, (5, 7, 9, 11), "wstep")])
 def test_half_dtypes(dtype, case):
     H, W, C, ks, layout = case
@@ -217,7 +176,7 @@ def test_half_loads_are_exact():
 def test_nan_inf_propagation():
     """NaN in ctx of image 0 and an Inf gate in image 1: masks of NaN and Inf exactly as the fp64
     reference, finite values within tolerance (fp32)."""
-    ctx, gates, weights, grad_out = make_inputs(2, 13, 17, 20, (3, 5, 7), layout="fout", seed=11)
+    ctx, gates, weights, grad_out = make_inputs(2, 13, 17, 20, (3, 5, 7), layout="slice", seed=11)
     ctx = ctx.clone()
     gates = gates.clone()
     ctx[0, 4, 6, 3] = float("nan")
@@ -247,7 +206,7 @@ def test_special_values_gelu():
     x = torch.stack([vals, torch.ones(n)]).view(1, 1, 2, n)   # two pixels: pooled stays finite
     g = torch.ones(1, 1, 2, 2)                                # g_L = 1: 1 * GELU(inf) = inf, not nan
     out, _ = native.focal_context_fwd_native(x, g, [torch.ones(n, 1, 1)], False)
-    ref, _ = reference(x.double(), g.double(), [torch.ones(n, 1, 1, dtype=torch.float64)], False)
+    ref = contract_reference(x, g, [torch.ones(n, 1, 1)], False)["out"]
     o = out[0, 0, 0]
     assert o[0] == float("inf") and o[1].isnan() and o[2].isnan()
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
@@ -507,7 +466,7 @@ def test_empty_and_validation():
         _C.focal_context_fwd_cpu(a)
     a.out = out.data_ptr()
     _C.focal_context_fwd_cpu(a)
-    ref, _ = reference(x.double(), g.double(), [wt.double()], False)
+    ref = contract_reference(x, g, [wt], False)["out"]
     assert rel_err(out, ref) < 1e-5
     with pytest.raises(ValueError):
         native.focal_context_fwd_native(x, g, [torch.randn(8, 4, 4)], False)
