@@ -151,9 +151,17 @@ _CRC32: List[Callable] = []
 def _crc32_function() -> Callable:
     """The CRC-32 (zip's polynomial) to use: libdeflate's when the system has that library (folding
     with PCLMULQDQ / VPCLMULQDQ: about 2.3x zlib's CPU time on 2 Xeon cores), else zlib.crc32.
-    FOCALNET_CRC32=zlib forces zlib. Chosen once, checked against zlib on a probe before use."""
+    FOCALNET_CRC32 = auto (default, also when empty) | libdeflate (raises where it cannot be loaded) |
+    zlib, case and surrounding whitespace ignored, anything else a ValueError. Chosen once, libdeflate
+    checked against zlib on a probe before use."""
     if not _CRC32:
-        _CRC32.append(_libdeflate_crc32() if os.environ.get("FOCALNET_CRC32", "") != "zlib" else None)
+        from focalnet_kernels.dispatch import forced_backend
+        choice = forced_backend("FOCALNET_CRC32", ("auto", "libdeflate", "zlib"))
+        fn = None if choice == "zlib" else _libdeflate_crc32()
+        if choice == "libdeflate" and fn is None:
+            raise RuntimeError("FOCALNET_CRC32=libdeflate, but libdeflate's CRC-32 cannot be loaded here "
+                               "(no libdeflate shared library, or numpy missing); unset it or use zlib")
+        _CRC32.append(fn)
     return _CRC32[0] or zlib.crc32
 
 

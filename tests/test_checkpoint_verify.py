@@ -89,9 +89,14 @@ def test_crc32_implementations_agree(crc_impl):
 def test_crc32_choice_follows_the_environment(monkeypatch):
     import zlib
     from focalnet import checkpoint
+    for value in ("zlib", " ZLIB "):
+        monkeypatch.setattr(checkpoint, "_CRC32", [])
+        monkeypatch.setenv("FOCALNET_CRC32", value)
+        assert checkpoint._crc32_function() is zlib.crc32
     monkeypatch.setattr(checkpoint, "_CRC32", [])
-    monkeypatch.setenv("FOCALNET_CRC32", "zlib")
-    assert checkpoint._crc32_function() is zlib.crc32
+    monkeypatch.setenv("FOCALNET_CRC32", "crc9")
+    with pytest.raises(ValueError, match="FOCALNET_CRC32"):
+        checkpoint._crc32_function()
 
 
 def test_flipped_bytes_in_a_tensor_record_are_caught(tmp_path, crc_impl):
