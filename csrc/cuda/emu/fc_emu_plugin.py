@@ -16,6 +16,7 @@ class _Proxy:
     focal_context_workspace_bytes_cpu = staticmethod(_EMU.focal_context_workspace_bytes_cuda)
     focal_context_fwd_cpu = staticmethod(_EMU.focal_context_fwd_cuda)
     focal_context_bwd_cpu = staticmethod(_EMU.focal_context_bwd_cuda)
+    focal_context_cpu_isa = staticmethod(_EMU.focal_context_cpu_isa)   # the emulated module's stub: "base"
 
 
 def pytest_configure(config):
