@@ -114,8 +114,12 @@ def cpu_name() -> str:
 
 def one_run(shape: str, ks: str, threads: int) -> Dict:
     """One fresh interpreter: the timings of CHILD as a dict."""
+    # run in the folder holding the imported package: a `-c` child puts its working directory first on
+    # sys.path, and started in a repository root it would import the source tree instead of the install
+    import focalnet_kernels
+    root = os.path.dirname(os.path.dirname(os.path.abspath(focalnet_kernels.__file__)))
     proc = subprocess.run([sys.executable, "-c", CHILD, shape, ks, str(threads)],
-                          capture_output=True, text=True, env=dict(os.environ))
+                          capture_output=True, text=True, env=dict(os.environ), cwd=root)
     for line in proc.stdout.splitlines():
         if line.startswith("FIRST_CALL_JSON "):
             res = json.loads(line.split(" ", 1)[1])

@@ -255,3 +255,16 @@ def make_contract_grad_out(B, H, W, C, dtype=torch.float32, layout="chfirst", se
     if layout == "slice":
         return torch.randn(B, H, W, 2 * C, generator=gen).to(dtype).to(device)[..., C:]
     return torch.randn(B, H, W, C, generator=gen).to(dtype).to(device)
+
+
+def run_fresh_python(code, *args, env=None, timeout=300):
+    """`python -c code args...` in a fresh interpreter that imports the same focalnet_kernels (and
+    focalnet) as this test session. It runs in the folder that holds the imported package: a `-c`
+    child puts its working directory first on sys.path, so started in the repository root of a
+    non-editable install (CI) it would import the source tree, which has no compiled extension."""
+    import subprocess
+    import sys
+    import focalnet_kernels
+    root = os.path.dirname(os.path.dirname(os.path.abspath(focalnet_kernels.__file__)))
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=timeout)

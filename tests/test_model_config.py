@@ -7,8 +7,6 @@ ValueError (wrong value) whose message names the argument - never another except
 """
 import math
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -21,6 +19,7 @@ import focalnet
 from focalnet import FocalModulation, FocalNet, FocalNetBlock
 from focalnet.model import FocalNetStage, PatchEmbed
 from focalnet_kernels import ops
+from conftest import run_fresh_python
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,8 +155,7 @@ def test_large_kernels_are_valid_and_fall_back_with_one_warning():
     """Kernel sizes above the fused kernels' 15 are valid (eager runs them); the fused path runs
     them on the reference and warns once (a fresh interpreter: the warning is once per process)."""
     env = {**os.environ, "FOCALNET_KERNELS_BACKEND": "auto", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", LARGE_KERNELS], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = run_fresh_python(LARGE_KERNELS, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == str(
         ["focal_context: no fused kernel for kernel sizes [17] (kernels take 3..15); using the eager reference"])

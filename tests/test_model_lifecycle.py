@@ -8,15 +8,13 @@ import copy
 import io
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import focalnet
 import focalnet_kernels as fk
-from conftest import kernel_backends, rel_err
+from conftest import kernel_backends, rel_err, run_fresh_python
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,8 +142,7 @@ def test_torch_load_in_a_fresh_process(which, tmp_path):
         want = _logits(model, x)
     torch.save((model, x, want), tmp_path / "model.pt")
     env = {**os.environ, "FOCALNET_KERNELS_BACKEND": "cpu", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(tmp_path / "model.pt")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = run_fresh_python(LOAD_IN_A_FRESH_PROCESS, tmp_path / "model.pt", env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
 
 

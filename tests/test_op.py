@@ -7,7 +7,7 @@ import torch
 
 import focalnet_kernels as fk
 from focalnet_kernels import dispatch, ops
-from conftest import kernel_backends, rel_err
+from conftest import kernel_backends, rel_err, run_fresh_python
 
 
 def _inputs(B=2, H=5, W=6, C=4, ks=(3, 5), dtype=torch.float32, requires_grad=False, seed=0):
@@ -162,11 +162,8 @@ def test_first_call_imports_nothing_heavy():
     """The first-call latency fix: in a fresh process a forward and a backward on the CPU kernel import
     neither torch._dynamo (custom_op's wrapper imported it at the first call: ~2 s) nor sympy, Inductor,
     triton or torch.onnx (the ONNX-export check imported it: ~0.1 s). (No timing assertion: `python -m benchmarks.first_call` measures the time.)"""
-    import subprocess
-    import sys
     env = {k: v for k, v in os.environ.items() if k not in ("FOCALNET_KERNELS_BACKEND", "TRITON_INTERPRET")}
-    proc = subprocess.run([sys.executable, "-c", FRESH_FIRST_CALL], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = run_fresh_python(FRESH_FIRST_CALL, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
     expected = "cpu" if ops._native_available("cpu") else "reference"
