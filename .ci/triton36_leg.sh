@@ -20,7 +20,7 @@
 # backward against the fp64 reference. A change that breaks the CUDA backend fails CI this way.
 # Both parts run even when the first fails; the leg fails if either does.
 TRITON36_TESTS=(tests/test_triton_fwd.py tests/test_triton_bwd.py tests/test_op.py tests/test_report.py)
-CUDA_EMU_SUBSET="levels_and_windows or nan_inf or strided"
+CUDA_EMU_SUBSET="levels_and_windows or nan_inf or strided or tensor_core"
 
 triton36_leg() {
   local venv=$1 so=$2 t0 py site

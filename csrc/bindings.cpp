@@ -76,5 +76,6 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("focal_context_bwd_cuda", &focalnet::focal_context_bwd_cuda, py::arg("args"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("focal_context_fwd_plan_cuda", &focalnet::focal_context_fwd_plan_cuda, py::arg("args"));
 #endif
 }

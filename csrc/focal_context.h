@@ -10,6 +10,7 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <string>
 
 namespace focalnet {
 
@@ -60,6 +61,8 @@ const char* focal_context_cpu_isa();
 int64_t focal_context_workspace_bytes_cuda(const FocalContextArgs& a, bool backward);
 void focal_context_fwd_cuda(const FocalContextArgs& a);
 void focal_context_bwd_cuda(const FocalContextArgs& a);
+// The forward's main kernel for these arguments: "mma TH x TW" (tensor cores) or "fma" (fc_fused_kernel).
+std::string focal_context_fwd_plan_cuda(const FocalContextArgs& a);
 #endif
 
 }  // namespace focalnet

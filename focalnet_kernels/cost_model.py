@@ -78,6 +78,9 @@ H100 = {
     "fp16x2_per_clk": 256,         # [PG] 16-bit fp results per clk per SM (HFMA2 = 2)
     "int_per_clk": 64,             # [PG] IADD3/IMAD/LOP3/SHF/ISETP/... per clk per SM
     "mufu_per_clk": 16,            # [PG] MUFU (ex2, rcp, rsq, lg2, sin, cos) per clk per SM
+    "hmma16816_per_clk": 0.5,      # [DS]/[MB] mma.sync m16n8k16 (4096 flop) per clk per SM: half the
+                                   # dense fp16/bf16 peak (989 TFLOPS = 4096 flop/clk/SM at 1.83 GHz),
+                                   # mma.sync's reach on Hopper by microbenchmarks (an assumption)
     "conv_per_clk": 16,            # [PG] type conversions (F2F, I2F, F2I) per clk per SM
     "lsu_per_clk": 32,             # [PG2] thread-accesses of LDG/STG/LDS/STS per clk per SM
     "l1_bytes_per_clk": 128,       # [PG2] L1/shared bytes per clk per SM
@@ -102,7 +105,7 @@ _ESIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 # ----------------------------------------------------------------------------------------------
 # SASS: parse, classify, loops
 # ----------------------------------------------------------------------------------------------
-CLASSES = ("ffma", "fmul", "fadd", "fp_other", "hfma2", "mufu", "int", "move", "convert",
+CLASSES = ("ffma", "fmul", "fadd", "fp_other", "hfma2", "hmma", "mufu", "int", "move", "convert",
            "ldg", "stg", "lds", "sts", "ldl_stl", "atom", "bar", "control", "other")
 _FP = {"FFMA": "ffma", "FMUL": "fmul", "FADD": "fadd", "FSETP": "fp_other", "FSEL": "fp_other",
        "FMNMX": "fp_other", "FCHK": "fp_other", "FSWZADD": "fp_other", "FMUL2": "fmul",
@@ -134,11 +137,15 @@ def classify(text: str) -> Tuple[str, str, int]:
         return "hfma2", base, 0
     if base == "MUFU":
         return "mufu", base, 0
+    if base == "HMMA":
+        return "hmma", base, 0
     if base in ("LDG", "LD"):
         return "ldg", base, _width(op)
     if base in ("STG", "ST"):
         return "stg", base, _width(op)
-    if base in ("LDS", "LDSM"):
+    if base == "LDSM":  # ldmatrix .x4: 4 x 8 rows of 16 bytes per warp = 16 bytes per thread
+        return "lds", base, 4 * int(op.rsplit(".", 1)[-1]) if op.rsplit(".", 1)[-1].isdigit() else 16
+    if base == "LDS":
         return "lds", base, _width(op)
     if base == "STS":
         return "sts", base, _width(op)
@@ -159,7 +166,7 @@ def classify(text: str) -> Tuple[str, str, int]:
     return "other", base, 0
 
 
-_WORK = {"ffma", "fmul", "fadd", "hfma2", "mufu", "ldg", "stg", "lds", "sts"}
+_WORK = {"ffma", "fmul", "fadd", "hfma2", "hmma", "mufu", "ldg", "stg", "lds", "sts"}
 
 
 @dataclass
@@ -635,6 +642,67 @@ def analyze(compiled: dict, values: dict, overrides: Optional[dict] = None) -> d
     c["loops"] = [{"start": hex(lp.start), "end": hex(lp.end), "depth": _depth(loops, i), "trips": lp.trips,
                    "how": lp.how} for i, lp in enumerate(loops)]
     return c
+
+
+# tensor-core forward (csrc/cuda/fc_mma.cuh; plan_mma / mma_geom of focal_context_cuda.cu)
+_MMA_SPECS = ((2, (3, 5)), (3, (3, 5, 7)))
+_MMA_TH = (7, 8, 14, 16, 24, 28, 32)
+_MMA_TW = (7, 8, 14, 16, 24, 28, 32, 40, 48, 56, 64)
+_MMA_COST_VALUE, _MMA_COST_STAGE, _MMA_COST_BLOCK = 16.0, 3.0, 3000.0
+# mma_smem_budget() on an H100: min(227 KB opt-in, 228 KB per SM / 2 - 1 KB) = 113 KB
+_MMA_SMEM_BUDGET = min(227 * 1024, H100["smem_per_sm"] // 2 - 1024)
+
+
+def _mma_geom(ks, H, W, TH, TW, dtype):
+    L = len(ks)
+    Rn = [0] * L
+    for j in range(L - 2, -1, -1):
+        Rn[j] = Rn[j + 1] + ks[j + 1] // 2
+    nrow = [_cdiv(TH + 2 * Rn[j], 16) for j in range(L)]
+    ncol = [_cdiv(TW + 2 * Rn[j], 8) for j in range(L)]
+    for j in range(L - 2, -1, -1):
+        ncol[j] = max(ncol[j], ncol[j + 1] + 1)
+
+    def odd8(x):
+        return x + 8 if (x // 8) % 2 == 0 else x
+    pitch = [odd8(8 * ncol[0] + 8)] + [odd8(8 * ncol[j - 1]) for j in range(1, L)]
+    brow = [16 * nrow[0] + ks[0] - 1] + [max(16 * nrow[j] + ks[j] - 1, 16 * nrow[j - 1]) for j in range(1, L)]
+    scols = 8 * ncol[0] + 8
+    opitch = _cdiv(TW, 2) * 2
+    plane = [0, 0]
+    for j in range(L):
+        plane[j % 2] = max(plane[j % 2], brow[j] * pitch[j] * 2)
+    plane[0] = max(plane[0], TH * opitch * 2)
+    plane = [_cdiv(v, 16) * 16 for v in plane]
+    smem = _CB * (plane[0] + plane[1]) + L * TH * TW * 4
+    if smem > _MMA_SMEM_BUDGET:
+        return None
+    ntiles = _cdiv(H, TH) * _cdiv(W, TW)
+    ns = 2.0 if dtype == "bfloat16" else 1.0
+    per_tile = _MMA_COST_BLOCK + _MMA_COST_STAGE * brow[0] * scols
+    for j in range(L):
+        per_tile += 128.0 * nrow[j] * ncol[j] * (_MMA_COST_VALUE + 0.25 * (1.0 + ns) * ks[j])
+    return {"TH": TH, "TW": TW, "nrow": nrow, "ncol": ncol, "pitch": pitch, "brow": brow, "scols": scols,
+            "smem": smem, "ntiles": ntiles, "cost": per_tile * ntiles / (H * W), "Rn": Rn}
+
+
+def cuda_plan_mma(shape, ks, dtype):
+    """plan_mma() of the CUDA backend: the tensor-core forward's tile, or None where it does not
+    apply (fp32, other level stacks, FOCALNET_CUDA_MMA=0)."""
+    B, H, W, C = shape
+    if dtype not in ("float16", "bfloat16") or (len(ks), tuple(ks)) not in _MMA_SPECS:
+        return None
+    if os.environ.get("FOCALNET_CUDA_MMA", "") == "0":
+        return None
+    best = None
+    for th in _MMA_TH:
+        for tw in _MMA_TW:
+            g = _mma_geom(list(ks), H, W, th, tw, dtype)
+            if g is None or B * g["ntiles"] * _cdiv(C, _CB) > 2 ** 31 - 1:
+                continue
+            if best is None or g["cost"] < best["cost"]:
+                best = g
+    return best
 
 
 def _depth(loops, i):
@@ -1149,6 +1217,16 @@ def _cpp_fors(text, unrolled=False):
 # per-thread trip counts of the CUDA kernels' loops by their header (fractional: averages over
 # the threads / warps of a block, so that x warps gives the block's warp-iterations)
 _CUDA_TRIPS = [
+    # tensor-core forward (fc_mma.cuh): subtile loops of the levels before the last, in order
+    (r"sr = 0; sr < nrow; \+\+sr", lambda ns: ns["mma_rows"].pop(0) if ns.get("mma_rows") else 0.0),
+    (r"sc = 0; sc < ncol; \+\+sc", lambda ns: ns["mma_cols"].pop(0) if ns.get("mma_cols") else 0.0),
+    (r"j = 0; j < ncb; \+\+j", lambda ns: ns["epi_cpt"]),
+    (r"fr = 0; fr < nrowL; \+\+fr", lambda ns: ns["mma_last"][0]),
+    (r"fc = 0; fc < ncolL; \+\+fc", lambda ns: ns["mma_last"][1]),
+    (r"r = warp; r < rows; r \+= NWARP", lambda ns: ns["mma_stage"][0] / _NWARP),
+    (r"s = lane; s < cols; s \+= 32", lambda ns: _cdiv(ns["mma_stage"][1], 32)),
+    (r"ty = warp; ty < (TH|thl); ty \+= NWARP", lambda ns: ns["mma_tile"][0] / _NWARP),
+    (r"tx = lane; tx < (TW|twl); tx \+= 32", lambda ns: _cdiv(ns["mma_tile"][1], 32)),
     (r"int j = 0; j < nl; \+\+j", lambda ns: ns["nl"]),
     (r"idx < kk \* CB; idx \+= NT", lambda ns: ns["kk_mean"] * _CB / _NT),
     (r"tap = tid / CB; tap < kk; tap \+= NGRP", lambda ns: ns["kk_mean"] / _NGRP),
@@ -1172,7 +1250,7 @@ def cuda_cubin(root=None):
     sm_90, compiled once into the cache with `nvcc -cubin -lineinfo` (minutes on 2 cores)."""
     root = root or os.environ.get("FOCALNET_CUDA_SRC") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     srcs = {}
-    for n in ("focal_context_cuda.cu", "fc_kernels.cuh", "fc_device.cuh"):
+    for n in ("focal_context_cuda.cu", "fc_kernels.cuh", "fc_device.cuh", "fc_mma.cuh"):
         with open(os.path.join(root, "csrc", "cuda", n)) as f:
             srcs[n] = f.read()
     key = hashlib.sha1("".join(srcs[k] for k in sorted(srcs)).encode()).hexdigest()[:20]
@@ -1248,7 +1326,8 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
             if inner:
                 votes[max(inner, key=lambda k: k[1])] += 1
         lp.source = votes.most_common(1)[0][0] if votes else None
-    ns = dict(ns, nitems=list(ns.get("nitems", [])))
+    ns = dict(ns, nitems=list(ns.get("nitems", [])), mma_rows=list(ns.get("mma_rows", [])),
+              mma_cols=list(ns.get("mma_cols", [])))
     groups = collections.defaultdict(list)
     for i in sorted(range(len(loops)), key=lambda i: loops[i].start):
         if loops[i].source:
@@ -1340,6 +1419,7 @@ def _cuda_launch_time(cub, name, warps, smem, blocks, ns, hbm, prefer_width=None
         "issue": sm_("total") / hw["issue_warp_instr_per_clk"] / clk,
         "fp32": sum(sm_(k) for k in ("ffma", "fmul", "fadd")) * 32 / hw["fp32_per_clk"] / clk,
         "mufu": sm_("mufu") * 32 / hw["mufu_per_clk"] / clk,
+        "tensor": sm_("hmma") / hw["hmma16816_per_clk"] / clk,
         "int": sm_("int") * 32 / hw["int_per_clk"] / clk,
         "l1": max(lsu / hw["lsu_per_clk"], l1b / hw["l1_bytes_per_clk"]) / clk,
         "l2": l2b * sms / (hw["l2_tb_s"] * 1e12),
@@ -1376,6 +1456,17 @@ def _cuda_predict(direction, shape, ks, dtype):
     # multiple of 8 (16-bit) or 4 (fp32) elements
     vec = (2 * C + L + 1) % (16 // es) == 0
     times = []
+    mp = cuda_plan_mma(shape, list(ks), dtype)
+    if mp is not None:
+        targs = "".join(f"Li{v}E" for v in ([L] + list(ks) + [0] * (3 - L)))
+        name = _cuda_fn_name(cub["sass"], "fc_mma_fwd_kernel" + tname + targs)
+        blocks = B * mp["ntiles"] * cbl
+        ns = {"nl": L, "mma_stage": (mp["brow"][0], mp["scols"]), "mma_tile": (mp["TH"], mp["TW"]),
+              "mma_last": (mp["nrow"][L - 1], mp["ncol"][L - 1]),
+              "mma_rows": mp["nrow"][:L - 1], "mma_cols": mp["ncol"][:L - 1], "grid_trips": 1.0,
+              "config": f"tensor cores, {mp['TH']}x{mp['TW']} tile"}
+        hbm = npix * (C * es + _gate_bytes_per_pixel(L, es) + C * es) + B * mp["ntiles"] * C * 4
+        times.append(_cuda_launch_time(cub, name, _NWARP, mp["smem"], blocks, ns, hbm, 16 if vec else 8))
     for g in segs:
         seg_ks = g["ks"]
         nl = len(seg_ks)
@@ -1397,23 +1488,50 @@ def _cuda_predict(direction, shape, ks, dtype):
         src_es = es if g["l0"] == 0 else 4
         hbm = npix * (C * src_es + _gate_bytes_per_pixel(L, es) + C * es) + B * g["ntiles"] * C * 4
         width = 16 if (vec or g["l0"] > 0) else src_es
+        if mp is not None:
+            # the FMA kernels as the tensor-core forward's fallback: each block reads the flag and
+            # returns (its first SASS instructions up to the EXIT; block scheduling not modelled)
+            times.append(_gated_launch(cub, name, blocks, g))
+            continue
         times.append(_cuda_launch_time(cub, name, _NWARP, g["smem"], blocks, ns, hbm, width))
-    nt = segs[-1]["ntiles"]
+    nt = mp["ntiles"] if mp is not None else segs[-1]["ntiles"]
     n = B * C
     grid = min(_cdiv(n, _NT), 1 << 20)
     times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_pool_finish_kernel"), _NWARP, 0, grid,
                                    {"ntiles": nt, "grid_trips": n / (grid * _NT), "config": "grid_1d(B*C)"},
                                    B * nt * C * 4 + 2 * B * C * 4))
-    n = npix * cbl
+    cpt = _cdiv(cbl, _cdiv(cbl, 8))
+    n = npix * _cdiv(cbl, cpt)
     grid = min(_cdiv(n, _NT), 1 << 20)
     out_vec = C % (16 // es) == 0
     times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_fwd_epilogue_kernel" + tname), _NWARP, 0,
-                                   grid, {"grid_trips": n / (grid * _NT), "config": "grid_1d(B*H*W*C/8)"},
+                                   grid, {"grid_trips": n / (grid * _NT), "epi_cpt": cbl / _cdiv(cbl, cpt),
+                                          "config": f"grid_1d(B*H*W*{_cdiv(cbl, cpt)}), {cpt}x8 channels"},
                                    npix * (2 * C * es + _gate_bytes_per_pixel(L, es)),
                                    16 if out_vec else es))
     main_l = times[0]
-    config = "; ".join(t["config"] for t in times[:len(segs)])
+    config = "; ".join(t["config"] for t in times[:1 if mp is not None else len(segs)])
     return times, config, main_l, [], []
+
+
+def _gated_launch(cub, name, blocks, g, hw=H100):
+    """A launch whose blocks only test a flag and exit: the instructions before the first EXIT of
+    the kernel, issue-bound (block launch overhead not modelled: docs/cost-model.md, limits)."""
+    instrs = parse_sass(cub["sass"], name)
+    n = 0
+    for x in instrs:
+        n += 1
+        if x.op == "EXIT":
+            break
+    warp_instr = blocks * _NWARP * n
+    clk = hw["clock_ghz"] * 1e9
+    ms = math.ceil(blocks / hw["sms"]) * _NWARP * n / hw["issue_warp_instr_per_clk"] / clk * 1e3
+    short = re.sub(r"^_ZN8focalnet3fcc\d+", "", name)[:60]
+    return {"kernel": short + " (fallback, exits)", "config": f"{g['TH']}x{g['TW']} tile (gated)", "ms": ms,
+            "bound": "issue", "terms_ms": {"issue": ms}, "regs": report_regs(cub["res"], name), "smem": g["smem"],
+            "spill": 0, "warps": _NWARP, "blocks_per_sm": 0, "occupancy_warps": 0, "programs": blocks,
+            "items": blocks, "warp_instr": warp_instr, "ffma_warp_instr": 0, "by_class": {"total": warp_instr},
+            "hbm_bytes": blocks * 4, "loops": []}
 
 
 def predict_rows(stages=(1, 2, 3, 4), ksets=("SRF", "LRF"), dtypes=DTYPES, directions=("fwd", "fwd+bwd"),

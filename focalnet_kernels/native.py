@@ -153,6 +153,14 @@ class _DeviceGuard:
         return False
 
 
+def cuda_fwd_plan(ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor], normalize: bool) -> str:
+    """The CUDA forward's main kernel for these inputs: "mma THxTW" (the tensor-core forward, fp16/bf16
+    SRF/LRF; FOCALNET_CUDA_MMA=0 turns it off) or "fma" (fc_fused_kernel). Tests use it to know which ran."""
+    _check(ctx, gates, weights)
+    mod = _require_ext("cuda")
+    return str(mod.focal_context_fwd_plan_cuda(_base_args(mod, ctx, gates, _weights_f32(weights), normalize)))
+
+
 def focal_context_fwd_native(
     ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor], normalize: bool
 ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -103,6 +103,33 @@ def test_classify_synthetic_sass():
     assert c["total"] == 13 * 5 + 4
 
 
+def test_classify_tensor_core_instructions():
+    assert cm.classify("HMMA.16816.F32.BF16 R4, R8, R12, R4") == ("hmma", "HMMA", 0)
+    assert cm.classify("@P0 HMMA.16816.F32 R4, R8, R12, R4") == ("hmma", "HMMA", 0)
+    assert cm.classify("LDSM.16.M88.4 R8, [R2]") == ("lds", "LDSM", 16)
+    assert cm.classify("LDSM.16.M88.2 R8, [R2]") == ("lds", "LDSM", 8)
+    assert cm.H100["hmma16816_per_clk"] == 0.5
+
+
+def test_cuda_mma_planner_port():
+    # plan_mma of focal_context_cuda.cu in Python (tests/test_cuda_backend.py checks it against the
+    # C++ planner where that runs): fp16/bf16 SRF and LRF only, shared memory within the H100 budget,
+    # every column a level reads written by the level before
+    assert cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7], "float32") is None
+    assert cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7, 9], "bfloat16") is None
+    for dt in ("bfloat16", "float16"):
+        for ks in ([3, 5], [3, 5, 7]):
+            for shape in cm.STAGES.values():
+                g = cm.cuda_plan_mma(shape, ks, dt)
+                assert g is not None and g["smem"] <= 113 * 1024
+                L = len(ks)
+                for j in range(1, L):
+                    assert g["ncol"][j - 1] >= g["ncol"][j] + 1
+                    assert g["pitch"][j] >= 8 * g["ncol"][j] + 8 and g["pitch"][j] % 8 == 0
+                    assert g["brow"][j] >= 16 * g["nrow"][j] + ks[j] - 1
+                assert 16 * g["nrow"][L - 1] >= g["TH"] and 8 * g["ncol"][L - 1] >= g["TW"]
+
+
 LOOP_KERNEL = '''
 import triton
 import triton.language as tl
@@ -185,7 +212,7 @@ def test_rows_have_the_keys():
     assert r["backend"] == "triton" and r["direction"] == "fwd" and r["shape"] == [256, 7, 7, 768]
     assert r["kernel_sizes"] == [3, 5] and r["dtype"] == "bfloat16"
     assert r["predicted_ms"] >= r["floor_ms"] > 0
-    assert r["bound"].split()[0] in ("issue", "fp32", "mufu", "int", "l1", "l2", "hbm")
+    assert r["bound"].split()[0] in ("issue", "fp32", "mufu", "tensor", "int", "l1", "l2", "hbm")
     assert r["auto"] in (True, False)
     assert len(r["candidates"]) >= 1
 

@@ -149,6 +149,76 @@ def test_larger_maps(dtype):
 
 
 # ------------------------------------------------------------------------------------------
+# the tensor-core forward (fc_mma.cuh): fp16/bf16 SRF and LRF
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("ks", [[3, 5], [3, 5, 7]])
+@pytest.mark.parametrize("B,H,W,C,layout", [(2, 13, 17, 20, "contig"), (1, 9, 30, 12, "slice"),
+                                             (1, 1, 2, 9, "chfirst"), (1, 40, 11, 8, "offset1")])
+def test_tensor_core_forward(B, H, W, C, layout, ks, dtype, monkeypatch):
+    nat = _native()
+    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, layout, seed=11)
+    plan = nat.cuda_fwd_plan(ctx, gates, weights, True)
+    assert plan.startswith("mma "), plan  # the case this test is for: the tensor-core kernel runs
+    out, pooled = nat.focal_context_fwd_native(ctx, gates, weights, True)
+    r = reference(ctx, gates, weights, True, None)
+    assert rel_err(out, r["out"]) < TOL[dtype]
+    _check_pooled(pooled, r, TOL[dtype])
+    # FOCALNET_CUDA_MMA=0: the FMA kernel (fp32 between levels); both within the dtype's tolerance
+    monkeypatch.setenv("FOCALNET_CUDA_MMA", "0")
+    assert nat.cuda_fwd_plan(ctx, gates, weights, True) == "fma"
+    out2, _ = nat.focal_context_fwd_native(ctx, gates, weights, True)
+    assert rel_err(out2, r["out"]) < TOL[dtype]
+    if H * W * C >= 1000:  # the tensor-core result really came from its kernel, not the fallback
+        assert not torch.equal(out, out2)
+    monkeypatch.setenv("FOCALNET_CUDA_MMA", "2")
+    with pytest.raises(ValueError, match="FOCALNET_CUDA_MMA"):
+        nat.focal_context_fwd_native(ctx, gates, weights, True)
+
+
+def test_tensor_core_plan_matches_the_cost_model_port():
+    # focalnet_kernels.cost_model.cuda_plan_mma mirrors plan_mma (its budget: an H100's 113 KB)
+    from focalnet_kernels import cost_model as cm
+    nat = _native()
+    if DEVICE == "cuda" and "H100" not in torch.cuda.get_device_name() and "H200" not in torch.cuda.get_device_name():
+        pytest.skip("the port's shared-memory budget is an H100's")
+    for dtype in (torch.float16, torch.bfloat16):
+        for ks in ([3, 5], [3, 5, 7]):
+            for shape in cm.STAGES.values():
+                _, H, W, C = shape
+                ctx, gates, weights = make_inputs(1, H, W, C, ks, dtype, seed=0)
+                g = cm.cuda_plan_mma((1, H, W, C), ks, str(dtype).split(".")[-1])
+                assert nat.cuda_fwd_plan(ctx, gates, weights, False) == f"mma {g['TH']}x{g['TW']}", (shape, ks)
+
+
+@pytest.mark.parametrize("case", ["nan_ctx", "inf_weight", "fp16_overflow"])
+def test_tensor_core_forward_falls_back(case):
+    # values the tensor-core path cannot reproduce as the reference does: it flags them and the
+    # FMA kernels recompute the whole call (same launch sequence, no host synchronisation)
+    nat = _native()
+    dtype = torch.float16 if case != "inf_weight" else torch.bfloat16
+    B, H, W, C, ks = 2, 11, 13, 12, [3, 5]
+    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, seed=5)
+    ctx, gates, weights = ctx.clone(), gates.clone(), [w.clone() for w in weights]
+    if case == "nan_ctx":
+        ctx[1, 4, 5, 2] = float("nan")
+    elif case == "inf_weight":
+        weights[1][3, 2, 2] = float("inf")
+    else:  # level 1 exceeds fp16's range (1.8e5) while the output stays finite
+        ctx[0, 3:8, 3:8, :] = 2.0e4
+        weights[0].fill_(1.0)
+        gates.mul_(1e-3)
+    assert nat.cuda_fwd_plan(ctx, gates, weights, False).startswith("mma ")
+    out, pooled = nat.focal_context_fwd_native(ctx, gates, weights, False)
+    r = reference(ctx, gates, weights, False, None)
+    for name, got, ref in [("out", out, r["out"]), ("pooled", pooled, r["pooled"])]:
+        g, rf = _same_nonfinite(name, got, ref)
+        assert rel_err(g, rf) < TOL[dtype], name
+    if case == "fp16_overflow":
+        assert torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------------------------------------
 # NaN / Inf propagate as in the reference
 # ------------------------------------------------------------------------------------------
 def _same_nonfinite(name, got, ref):

@@ -92,6 +92,7 @@ struct FusedParams {
   int out_vec;
   float* pool_part;  // [B][ntiles][C]
   float scale;
+  const int* run_if; // non-null: the launch is the tensor-core forward's fallback; return unless *run_if
 };
 
 // Forward staging of x_{l0} (rows x cols positions from image origin gh0, gw0) into buffer A, one
@@ -268,6 +269,7 @@ __device__ __forceinline__ void tile_pass(const FusedParams& P, const float* sm,
 
 template <typename T, int LC, int K0, int K1, int K2, int K3>
 __global__ void __launch_bounds__(NT, 2) fc_fused_kernel(const FusedParams P) {
+  if (P.run_if != nullptr && *P.run_if == 0) return;
   FC_DYN_SMEM(sm);
   const int tid = threadIdx.x;
   // 32-bit index math: the host keeps the grid below 2^31 blocks
@@ -407,9 +409,16 @@ __global__ void __launch_bounds__(NT, 2) fc_fused_kernel(const FusedParams P) {
 }
 
 // pooled[b,c] = sum of the tile partials (fixed order, fp64) / (H*W); gp = GELU(pooled)
+// (With the tensor-core forward: its partials part/ntiles, unless *flag asks for the FMA fallback's
+// alt/alt_ntiles.)
 __global__ void __launch_bounds__(NT) fc_pool_finish_kernel(const float* __restrict__ part, int ntiles, int64_t B,
                                                              int64_t C, double inv_hw, float* __restrict__ pooled,
-                                                             float* __restrict__ gp) {
+                                                             float* __restrict__ gp, const int* __restrict__ flag,
+                                                             const float* __restrict__ alt, int alt_ntiles) {
+  if (flag != nullptr && *flag != 0) {
+    part = alt;
+    ntiles = alt_ntiles;
+  }
   const int64_t n = B * C;
   for (int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * NT) {
     const int64_t b = idx / C, c = idx - b * C;
@@ -421,31 +430,38 @@ __global__ void __launch_bounds__(NT) fc_pool_finish_kernel(const float* __restr
   }
 }
 
-// out[b,h,w,c] += scale * g[b,h,w,L] * GELU(pooled[b,c]); one thread per (position, 8 channels)
+// out[b,h,w,c] += scale * g[b,h,w,L] * GELU(pooled[b,c]); one thread per (position, cpt blocks of 8
+// channels): the gate is loaded once per cpt x 8 channels
 template <typename T>
 __global__ void __launch_bounds__(NT) fc_fwd_epilogue_kernel(T* __restrict__ out, int64_t npos, int64_t H, int64_t W,
                                                               int64_t C, const T* __restrict__ gates, int64_t gs0,
                                                               int64_t gs1, int64_t gs2, int64_t gs3, int L,
-                                                              const float* __restrict__ gp, float scale, int vec) {
+                                                              const float* __restrict__ gp, float scale, int vec,
+                                                              int cpt) {
   const int64_t nch = (C + CB - 1) / CB;
-  const int64_t n = npos * nch;
+  const int64_t nchunk = (nch + cpt - 1) / cpt;
+  const int64_t n = npos * nchunk;
   const int64_t HW = H * W;
   for (int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * NT) {
-    const int64_t pos = idx / nch, ch = idx - pos * nch;
-    const int64_t c0 = ch * CB;
-    const int nvalid = (int)((C - c0) < CB ? (C - c0) : CB);
+    const int64_t pos = idx / nchunk, chunk = idx - pos * nchunk;
     const int64_t b = pos / HW, hw = pos - b * HW;
     const int64_t h = hw / W, w = hw - h * W;
     const float g = scale * to_f<T>(gates[b * gs0 + h * gs1 + w * gs2 + (int64_t)L * gs3]);
-    float v[8];
-    const int64_t off = pos * C + c0;
-    const bool vv = vec && nvalid == CB;
-    load8<T>(out, off, 1, nvalid, vv, v);
-    const float* gpp = gp + b * C + c0;
+    const int64_t cb0 = chunk * cpt;
+    const int ncb = (int)((nch - cb0) < cpt ? (nch - cb0) : cpt);
+    for (int j = 0; j < ncb; ++j) {
+      const int64_t c0 = (cb0 + j) * CB;
+      const int nvalid = (int)((C - c0) < CB ? (C - c0) : CB);
+      float v[8];
+      const int64_t off = pos * C + c0;
+      const bool vv = vec && nvalid == CB;
+      load8<T>(out, off, 1, nvalid, vv, v);
+      const float* gpp = gp + b * C + c0;
 #pragma unroll
-    for (int i = 0; i < 8; ++i)
-      if (i < nvalid) v[i] = fmaf(g, gpp[i], v[i]);
-    store8<T>(out, off, nvalid, vv, v);
+      for (int i = 0; i < 8; ++i)
+        if (i < nvalid) v[i] = fmaf(g, gpp[i], v[i]);
+      store8<T>(out, off, nvalid, vv, v);
+    }
   }
 }
 

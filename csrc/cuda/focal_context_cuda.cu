@@ -10,6 +10,13 @@
 //    Segment boundaries pass x_l and the running sum through fp32 workspace maps. The last
 //    segment writes out = s * local sum and per-tile pooled partials; fc_pool_finish_kernel
 //    reduces them in a fixed order, and fc_fwd_epilogue_kernel adds s * g_L * GELU(pooled).
+//  * Forward, fp16/bf16 SRF (k = 3,5) and LRF (k = 3,5,7): the tensor-core kernel of fc_mma.cuh
+//    (taps as banded-matrix mma.sync per channel, one launch for all local levels) replaces the
+//    fused segments; fc_mma_bfrag_kernel lays the weights out as mma fragments first. It flags
+//    what it cannot reproduce exactly (non-finite ctx or weights, fp16 level overflow); the fused
+//    segments are still launched after it and run only when the flag is set (one int read per
+//    block otherwise), and fc_pool_finish_kernel takes the partials of whichever ran.
+//    FOCALNET_CUDA_MMA=0 turns the tensor-core path off.
 //  * Backward (staged per level, recomputing): x_1..x_{L-1} recomputed by fc_fused_kernel into
 //    the workspace; fc_bwd_prep_kernel (dpool and global-gate partials); then one
 //    fc_bwd_level_kernel per level, l = L-1..0, recomputing z_l from x_l in shared memory.
@@ -19,7 +26,10 @@
 //    segment runs the generic instantiation (runtime L and kernel sizes, predicated unrolled taps).
 //    The per-level backward kernel is specialised for every kernel size 3..15.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -27,6 +37,7 @@
 
 #include "focal_context.h"
 #include "fc_kernels.cuh"
+#include "fc_mma.cuh"
 
 namespace focalnet {
 namespace {
@@ -117,6 +128,7 @@ int find_spec(int nl, const int* k) {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t cblocks_of_c(int64_t C) { return ceil_div(C, CB); }
 
 // ------------------------------------------------------------------------------------------
 // plans (pure functions of the arguments: workspace size and launches always agree)
@@ -339,7 +351,143 @@ struct Layout {
   }
 };
 
+// ------------------------------------------------------------------------------------------
+// tensor-core forward (fc_mma.cuh): fp16/bf16, 2 or 3 levels, every k in {3,5,7,9}
+// ------------------------------------------------------------------------------------------
+struct MmaPlan {
+  bool ok = false;
+  int TH = 0, TW = 0, ntw = 0, ntiles = 0;
+  int Rn[3] = {0, 0, 0}, H0 = 0;
+  int nrow[3] = {0, 0, 0}, ncol[3] = {0, 0, 0}, pitch[3] = {0, 0, 0}, brow[3] = {0, 0, 0};
+  int scols = 0, opitch = 0;
+  int offS[2] = {0, 0}, planeS[2] = {0, 0}, offG = 0;
+  int64_t smem = 0, budget = 0;
+  double cost = 0.0;
+};
+
+// Modelled issued instructions (per channel) of the tensor-core forward, from its compiled SASS
+// (python -m focalnet_kernels.cost_model): per computed subtile value ~16 (GELU 13, select,
+// pack, store), per value and kernel row (1 + NS) / 4 (ldmatrix + mma per 128 values, x 32
+// lanes), per staged position ~3, per block ~3000.
+constexpr double kMmaCostValue = 16.0;
+constexpr double kMmaCostStage = 3.0;
+constexpr double kMmaCostBlock = 3000.0;
+constexpr int kMmaTH[] = {7, 8, 14, 16, 24, 28, 32};
+constexpr int kMmaTW[] = {7, 8, 14, 16, 24, 28, 32, 40, 48, 56, 64};
+
+// (levels, k0, k1, k2) of the tensor-core instances: FocalNet's SRF and LRF context stacks
+#define FC_MMA_SPECS(X) X(2, 3, 5, 0) X(3, 3, 5, 7)
+
+bool mma_has_spec(const FocalContextArgs& a) {
+  const int* k = a.ksize.data();
+  bool found = false;
+#define FC_MMA_HAS(LC, k0, k1, k2) found |= a.L == LC && k[0] == k0 && k[1] == k1 && (LC < 3 || k[2] == k2);
+  FC_MMA_SPECS(FC_MMA_HAS)
+#undef FC_MMA_HAS
+  return found;
+}
+
+// FOCALNET_CUDA_MMA: unset / "1" = the tensor-core forward where it applies, "0" = never.
+bool mma_enabled() {
+  const char* e = std::getenv("FOCALNET_CUDA_MMA");
+  if (e == nullptr || e[0] == 0 || std::strcmp(e, "1") == 0) return true;
+  if (std::strcmp(e, "0") == 0) return false;
+  throw std::invalid_argument(std::string("focal_context_cuda: FOCALNET_CUDA_MMA must be 0 or 1, got '") + e + "'");
+}
+
+// Shared memory per block of the tensor-core forward: two blocks per SM (16 warps) with what the
+// device has: min(opt-in limit per block, per-SM capacity / 2 - 1 KB reserved) -- H100: 113 KB,
+// A100: 81 KB, sm_86/89: 49 KB. Per device (of ctx), asked once.
+int64_t mma_smem_budget(const FocalContextArgs& a) {
+  static std::atomic<int64_t> cache[64];
+  cudaPointerAttributes attr{};
+  int dev = 0;
+  if (cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(a.ctx)) == cudaSuccess) dev = attr.device;
+  (void)cudaGetLastError();
+  if (dev < 0 || dev >= 64) dev = 0;
+  int64_t v = cache[dev].load();
+  if (v > 0) return v;
+  int per_sm = 0, optin = 0;
+  if (cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 48 * 1024;  // not cached: ask again next time
+  }
+  v = std::max<int64_t>(48 * 1024, std::min<int64_t>(optin, per_sm / 2 - 1024));
+  cache[dev].store(v);
+  return v;
+}
+
+bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t budget) {
+  const int L = a.L;
+  m.TH = TH;
+  m.TW = TW;
+  m.Rn[L - 1] = 0;
+  for (int j = L - 2; j >= 0; --j) m.Rn[j] = m.Rn[j + 1] + a.ksize[j + 1] / 2;
+  m.H0 = m.Rn[0] + a.ksize[0] / 2;
+  for (int j = 0; j < L; ++j) {
+    m.nrow[j] = (int)ceil_div(TH + 2 * m.Rn[j], 16);
+    m.ncol[j] = (int)ceil_div(TW + 2 * m.Rn[j], 8);
+  }
+  for (int j = L - 2; j >= 0; --j) m.ncol[j] = std::max(m.ncol[j], m.ncol[j + 1] + 1);
+  auto odd8 = [](int x) { return (x / 8) % 2 == 0 ? x + 8 : x; };  // 16-byte rows: ldmatrix bank spread
+  m.pitch[0] = odd8(8 * m.ncol[0] + 8);
+  m.brow[0] = 16 * m.nrow[0] + a.ksize[0] - 1;
+  for (int j = 1; j < L; ++j) {
+    m.pitch[j] = odd8(8 * m.ncol[j - 1]);
+    m.brow[j] = std::max(16 * m.nrow[j] + a.ksize[j] - 1, 16 * m.nrow[j - 1]);
+  }
+  m.scols = 8 * m.ncol[0] + 8;
+  m.opitch = (int)round_up(TW, 2);
+  int64_t plane[2] = {0, 0};
+  for (int j = 0; j < L; ++j) plane[j % 2] = std::max<int64_t>(plane[j % 2], (int64_t)m.brow[j] * m.pitch[j] * 2);
+  plane[0] = std::max<int64_t>(plane[0], (int64_t)TH * m.opitch * 2);
+  m.planeS[0] = (int)round_up(plane[0], 16);
+  m.planeS[1] = (int)round_up(plane[1], 16);
+  m.offS[0] = 0;
+  m.offS[1] = CB * m.planeS[0];
+  m.offG = m.offS[1] + CB * m.planeS[1];
+  m.smem = m.offG + (int64_t)L * TH * TW * 4;
+  if (m.smem > budget) return false;
+  m.ntw = (int)ceil_div(a.W, TW);
+  const int64_t ntiles = ceil_div(a.H, TH) * m.ntw;
+  if (ntiles > std::numeric_limits<int32_t>::max() / 1024) return false;
+  m.ntiles = (int)ntiles;
+  const double ns = a.dtype == kBFloat16 ? 2.0 : 1.0;
+  double per_tile = kMmaCostBlock + kMmaCostStage * (double)m.brow[0] * m.scols;
+  for (int j = 0; j < L; ++j)
+    per_tile += 128.0 * m.nrow[j] * m.ncol[j] * (kMmaCostValue + 0.25 * (1.0 + ns) * a.ksize[j]);
+  m.cost = per_tile * (double)m.ntiles / (double)(a.H * a.W);
+  return true;
+}
+
+// The tensor-core plan, or ok = false when the case is not one it handles.
+MmaPlan plan_mma(const FocalContextArgs& a) {
+  MmaPlan best;
+  if (a.dtype != kFloat16 && a.dtype != kBFloat16) return best;
+  if (a.L < 2 || a.L > 3) return best;
+  for (int l = 0; l < a.L; ++l)
+    if (a.ksize[l] > MMA_KMAX) return best;
+  if (!mma_has_spec(a) || !mma_enabled()) return best;
+  const int64_t budget = mma_smem_budget(a);
+  for (int th : kMmaTH)
+    for (int tw : kMmaTW) {
+      MmaPlan m;
+      if (!mma_geom(m, a, th, tw, budget)) continue;
+      if (a.B * (int64_t)m.ntiles * cblocks_of_c(a.C) > std::numeric_limits<int32_t>::max()) continue;
+      if (!best.ok || m.cost < best.cost) {
+        best = m;
+        best.ok = true;
+        best.budget = budget;
+      }
+    }
+  return best;
+}
+
 struct FwdPlan {
+  MmaPlan mma;
+  int64_t off_flag = -1, off_pool_mma = -1, off_frag = -1;
+  int nwp = 0;  // B-fragment words per lane and channel
   std::vector<Segment> segs;
   int64_t off_pool = -1, off_gp = -1, off_acc = -1;
   int64_t off_X[5] = {-1, -1, -1, -1, -1};
@@ -362,7 +510,16 @@ int64_t cblocks_of(const FocalContextArgs& a) { return ceil_div(a.C, CB); }
 FwdPlan plan_fwd(const FocalContextArgs& a) {
   FwdPlan pl;
   pl.segs = make_segments(a, 0, a.L, true);
+  pl.mma = plan_mma(a);
   Layout lay;
+  if (pl.mma.ok) {
+    pl.off_flag = lay.take(16);
+    pl.off_pool_mma = lay.take((int64_t)a.B * pl.mma.ntiles * a.C * 4);
+    int words = 0;
+    for (int l = 0; l < a.L; ++l) words += (a.dtype == kBFloat16 ? 2 * FC_MMA_BF16_NS : 2) * a.ksize[l];
+    pl.nwp = (int)round_up(words, 4);
+    pl.off_frag = lay.take(a.C * 32 * (int64_t)pl.nwp * 4);
+  }
   pl.off_pool = lay.take((int64_t)a.B * pl.segs.back().ntiles * a.C * 4);
   pl.off_gp = lay.take(a.B * a.C * 4);
   if (pl.segs.size() > 1) {
@@ -458,10 +615,10 @@ void check_launch(const std::string& kernel) {
                              cudaGetErrorString(e));
 }
 
-void set_smem(const void* fn, int64_t bytes, const std::string& kernel) {
+void set_smem(const void* fn, int64_t bytes, const std::string& kernel, int64_t limit = kSmemBudget) {
   // Always the same value per kernel (the plan budget), so concurrent host threads cannot race.
   if (bytes > 48 * 1024)
-    cuda_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmemBudget),
+    cuda_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)limit),
                "cudaFuncSetAttribute(" + kernel + ")");
 }
 
@@ -564,6 +721,73 @@ void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, b
   check_launch(name);
 }
 
+template <typename T>
+void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* pool_part, uint32_t* frag, int nwp,
+                bool ctx_vec, bool ctx_vec8, bool out_vec, float scale, cudaStream_t st) {
+  if constexpr (sizeof(T) == 2) {
+    MmaParams P{};
+    P.B = a.B;
+    P.H = a.H;
+    P.W = a.W;
+    P.C = a.C;
+    P.L = a.L;
+    for (int j = 0; j < 3; ++j) {
+      P.k[j] = j < a.L ? a.ksize[j] : 0;
+      P.Rn[j] = m.Rn[j];
+      P.nrow[j] = m.nrow[j];
+      P.ncol[j] = m.ncol[j];
+      P.pitch[j] = m.pitch[j];
+      P.brow[j] = m.brow[j];
+      P.w[j] = j < a.L ? reinterpret_cast<const float*>(a.weight[j]) : nullptr;
+    }
+    P.H0 = m.H0;
+    P.scols = m.scols;
+    P.opitch = m.opitch;
+    P.TH = m.TH;
+    P.TW = m.TW;
+    P.ntw = m.ntw;
+    P.ntiles = m.ntiles;
+    const int64_t cblocks = cblocks_of_c(a.C);
+    P.cblocks = (int)cblocks;
+    P.offS[0] = m.offS[0];
+    P.offS[1] = m.offS[1];
+    P.planeS[0] = m.planeS[0];
+    P.planeS[1] = m.planeS[1];
+    P.offG = m.offG;
+    P.ctx = reinterpret_cast<const void*>(a.ctx);
+    for (int d = 0; d < 4; ++d) P.cs[d] = a.ctx_stride[d];
+    P.ctx_vec16 = ctx_vec;
+    P.ctx_vec8 = ctx_vec8;
+    P.gates = reinterpret_cast<const void*>(a.gates);
+    for (int d = 0; d < 4; ++d) P.gs[d] = a.gates_stride[d];
+    P.out = reinterpret_cast<void*>(a.out);
+    P.out_vec = out_vec;
+    P.pool_part = pool_part;
+    P.flag = flag;
+    P.scale = scale;
+    std::string name = std::string("fc_mma_fwd_kernel<") + dtype_name<T>() + ", k=";
+    for (int j = 0; j < a.L; ++j) name += (j ? "," : "") + std::to_string(a.ksize[j]);
+    name += ">";
+    using MmaFn = void (*)(MmaParams, const uint32_t*, int);
+    MmaFn fn = nullptr;
+    const int* k = a.ksize.data();
+#define FC_MMA_CASE(LC, k0, k1, k2) \
+    if (a.L == LC && k[0] == k0 && k[1] == k1 && (LC < 3 || k[2] == k2)) fn = &fc_mma_fwd_kernel<T, LC, k0, k1, k2>;
+    FC_MMA_SPECS(FC_MMA_CASE)
+#undef FC_MMA_CASE
+    if (fn == nullptr) throw std::logic_error("focal_context_cuda: no " + name + " instance (planner bug)");
+    cuda_check(cudaMemsetAsync(flag, 0, sizeof(int), st), "cudaMemsetAsync(flag)");
+    FC_LAUNCH(fc_mma_bfrag_kernel<T>, grid_1d(a.C * 32), NT, 0, st, P, frag, nwp);
+    check_launch(std::string("fc_mma_bfrag_kernel<") + dtype_name<T>() + ">");
+    const int64_t nblk = a.B * (int64_t)m.ntiles * cblocks;
+    set_smem(reinterpret_cast<const void*>(fn), m.smem, name, m.budget);
+    FC_LAUNCH(fn, (unsigned)nblk, MMA_NT, (size_t)m.smem, st, P, (const uint32_t*)frag, nwp);
+    check_launch(name);
+  } else {
+    throw std::logic_error("focal_context_cuda: tensor-core forward planned for fp32 (planner bug)");
+  }
+}
+
 // The inputs of one fused segment: level 0 reads ctx through its strides; a later segment reads
 // the fp32 level map x_{l0} that the previous segment left in the workspace (contiguous B,H,W,C);
 // the workspace maps X and the output scale are the same for every segment.
@@ -611,8 +835,17 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
   float* pool_part = reinterpret_cast<float*>(ws + pl.off_pool);
   float* gp = reinterpret_cast<float*>(ws + pl.off_gp);
 
+  int* flag = nullptr;
+  float* pool_mma = nullptr;
+  if (pl.mma.ok) {
+    flag = reinterpret_cast<int*>(ws + pl.off_flag);
+    pool_mma = reinterpret_cast<float*>(ws + pl.off_pool_mma);
+    launch_mma<T>(a, pl.mma, flag, pool_mma, reinterpret_cast<uint32_t*>(ws + pl.off_frag), pl.nwp, ctx_vec,
+                  ctx_vec8, out_vec, scale, st);
+  }
   for (const Segment& s : pl.segs) {
     FusedParams P = segment_inputs(a, s, X, ctx_vec, ctx_vec8, ws_vec, scale);
+    P.run_if = flag;  // with the tensor-core forward: a fallback that runs only when it flagged
     const bool final_out = s.l0 + s.nl == L;
     P.acc_in = s.l0 > 0;
     P.final_out = final_out;
@@ -623,12 +856,20 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
     P.pool_part = pool_part;
     launch_fused<T>(a, s, P, true, st);
   }
-  FC_LAUNCH(fc_pool_finish_kernel, grid_1d(B * C), NT, 0, st, pool_part, pl.segs.back().ntiles, B, C,
-            1.0 / (double)(H * W), reinterpret_cast<float*>(a.pooled), gp);
+  if (pl.mma.ok)
+    FC_LAUNCH(fc_pool_finish_kernel, grid_1d(B * C), NT, 0, st, pool_mma, pl.mma.ntiles, B, C,
+              1.0 / (double)(H * W), reinterpret_cast<float*>(a.pooled), gp, flag, pool_part,
+              pl.segs.back().ntiles);
+  else
+    FC_LAUNCH(fc_pool_finish_kernel, grid_1d(B * C), NT, 0, st, pool_part, pl.segs.back().ntiles, B, C,
+              1.0 / (double)(H * W), reinterpret_cast<float*>(a.pooled), gp, (const int*)nullptr,
+              (const float*)nullptr, 0);
   check_launch("fc_pool_finish_kernel");
-  FC_LAUNCH(fc_fwd_epilogue_kernel<T>, grid_1d(B * H * W * cblocks_of(a)), NT, 0, st,
+  const int64_t nch = cblocks_of(a);
+  const int cpt = (int)ceil_div(nch, ceil_div(nch, 8));  // <= 8 channel blocks per thread, balanced
+  FC_LAUNCH(fc_fwd_epilogue_kernel<T>, grid_1d(B * H * W * ceil_div(nch, cpt)), NT, 0, st,
       reinterpret_cast<T*>(a.out), B * H * W, H, W, C, reinterpret_cast<const T*>(a.gates), a.gates_stride[0],
-      a.gates_stride[1], a.gates_stride[2], a.gates_stride[3], L, gp, scale, out_vec ? 1 : 0);
+      a.gates_stride[1], a.gates_stride[2], a.gates_stride[3], L, gp, scale, out_vec ? 1 : 0, cpt);
   check_launch(std::string("fc_fwd_epilogue_kernel<") + dtype_name<T>() + ">");
 }
 
@@ -767,6 +1008,13 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
 int64_t focal_context_workspace_bytes_cuda(const FocalContextArgs& a, bool backward) {
   validate_shape(a);
   return backward ? plan_bwd(a).bytes : plan_fwd(a).bytes;
+}
+
+std::string focal_context_fwd_plan_cuda(const FocalContextArgs& a) {
+  validate_shape(a);
+  const MmaPlan m = plan_mma(a);
+  if (m.ok) return "mma " + std::to_string(m.TH) + "x" + std::to_string(m.TW);
+  return "fma";
 }
 
 void focal_context_fwd_cuda(const FocalContextArgs& a) {

@@ -12,8 +12,16 @@ cudaError_t cudaPointerGetAttributes(cudaPointerAttributes* a, const void*) {
   return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+cudaError_t cudaDeviceGetAttribute(int* v, enum cudaDeviceAttr attr, int) {  // an H100's
+  *v = attr == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? 233472 : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 0;
+  return cudaSuccess;
+}
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
 cudaError_t cudaFuncSetAttribute(const void*, enum cudaFuncAttribute, int) { return cudaSuccess; }
 const char* cudaGetErrorName(cudaError_t) { return "emulated"; }
 const char* cudaGetErrorString(cudaError_t) { return "emulated"; }
+}
+extern "C" cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
+  memset(p, v, n);
+  return cudaSuccess;
 }

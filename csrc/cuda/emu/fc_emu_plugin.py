@@ -17,6 +17,7 @@ class _Proxy:
     focal_context_fwd_cpu = staticmethod(_EMU.focal_context_fwd_cuda)
     focal_context_bwd_cpu = staticmethod(_EMU.focal_context_bwd_cuda)
     focal_context_cpu_isa = staticmethod(_EMU.focal_context_cpu_isa)   # the emulated module's stub: "base"
+    focal_context_fwd_plan_cuda = staticmethod(_EMU.focal_context_fwd_plan_cuda)
 
 
 def pytest_configure(config):

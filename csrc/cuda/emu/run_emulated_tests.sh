@@ -18,7 +18,7 @@ suffix=$($PY -c "import sysconfig;print(sysconfig.get_config_var('EXT_SUFFIX'))"
 cuda_inc=${CUDA_HOME:-/usr/local/cuda}/include
 san=""
 case "${SAN:-}" in address) san="-fsanitize=address -fno-omit-frame-pointer";; thread) san="-fsanitize=thread";; esac
-flags="-std=c++20 -O1 -g -fPIC -w -I$cuda_inc -I$root/csrc -I$here $san -DFOCALNET_WITH_CUDA -DFC_BWD_TARGET_BLOCKS=${FC_BWD_TARGET_BLOCKS:-2048}"
+flags="${EMU_FLAGS:-} -std=c++20 -O1 -g -fPIC -w -I$cuda_inc -I$root/csrc -I$here $san -DFOCALNET_WITH_CUDA -DFC_BWD_TARGET_BLOCKS=${FC_BWD_TARGET_BLOCKS:-2048}"
 cat > "$out/cpu_stub.cpp" <<'CPP'
 #include <stdexcept>
 #include "focal_context.h"
