@@ -668,6 +668,7 @@ def _mma_geom(ks, H, W, TH, TW, dtype):
     pitch = [odd8(8 * ncol[0] + 8)] + [odd8(8 * ncol[j - 1]) for j in range(1, L)]
     brow = [16 * nrow[0] + ks[0] - 1] + [max(16 * nrow[j] + ks[j] - 1, 16 * nrow[j - 1]) for j in range(1, L)]
     scols = 8 * ncol[0] + 8
+    srows = min(brow[0], TH + 2 * (Rn[0] + ks[0] // 2))
     opitch = _cdiv(TW, 2) * 2
     plane = [0, 0]
     for j in range(L):
@@ -679,10 +680,11 @@ def _mma_geom(ks, H, W, TH, TW, dtype):
         return None
     ntiles = _cdiv(H, TH) * _cdiv(W, TW)
     ns = 2.0 if dtype == "bfloat16" else 1.0
-    per_tile = _MMA_COST_BLOCK + _MMA_COST_STAGE * brow[0] * scols
+    per_tile = _MMA_COST_BLOCK + _MMA_COST_STAGE * srows * scols
     for j in range(L):
         per_tile += 128.0 * nrow[j] * ncol[j] * (_MMA_COST_VALUE + 0.25 * (1.0 + ns) * ks[j])
     return {"TH": TH, "TW": TW, "nrow": nrow, "ncol": ncol, "pitch": pitch, "brow": brow, "scols": scols,
+            "srows": srows,
             "smem": smem, "ntiles": ntiles, "cost": per_tile * ntiles / (H * W), "Rn": Rn}
 
 
@@ -1461,7 +1463,7 @@ def _cuda_predict(direction, shape, ks, dtype):
         targs = "".join(f"Li{v}E" for v in ([L] + list(ks) + [0] * (3 - L)))
         name = _cuda_fn_name(cub["sass"], "fc_mma_fwd_kernel" + tname + targs)
         blocks = B * mp["ntiles"] * cbl
-        ns = {"nl": L, "mma_stage": (mp["brow"][0], mp["scols"]), "mma_tile": (mp["TH"], mp["TW"]),
+        ns = {"nl": L, "mma_stage": (mp["srows"], mp["scols"]), "mma_tile": (mp["TH"], mp["TW"]),
               "mma_last": (mp["nrow"][L - 1], mp["ncol"][L - 1]),
               "mma_rows": mp["nrow"][:L - 1], "mma_cols": mp["ncol"][:L - 1], "grid_trips": 1.0,
               "config": f"tensor cores, {mp['TH']}x{mp['TW']} tile"}

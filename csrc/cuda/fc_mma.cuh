@@ -51,7 +51,7 @@ struct MmaParams {
   int nrow[3], ncol[3];
   int pitch[3];       // elements per row of the buffer holding level j's input
   int brow[3];        // rows of that buffer
-  int scols;          // staged columns of ctx
+  int srows, scols;   // staged rows / columns of ctx (rows past srows only feed discarded outputs)
   int opitch;         // elements per row of the output tile in slot 0
   int TH, TW, ntw, ntiles, cblocks;
   int offS[2], planeS[2], offG;  // bytes
@@ -252,7 +252,7 @@ __device__ __forceinline__ void mma_load8(uint32_t (&q)[4], const uint16_t* p, b
 template <typename T, int MODE>
 __device__ __forceinline__ uint32_t mma_stage(const MmaParams& P, uint16_t* s0, int plane, const uint16_t* base,
                                               int h0, int w0, int nvalid, int warp, int lane) {
-  const int rows = P.brow[0], cols = P.scols, pitch = P.pitch[0];
+  const int rows = P.srows, cols = P.scols, pitch = P.pitch[0];
   const int H = (int)P.H, W = (int)P.W;
   uint32_t nf = 0;
   const int64_t cs1 = P.cs[1], cs2 = P.cs[2], step = 64 * cs2;

@@ -359,7 +359,7 @@ struct MmaPlan {
   int TH = 0, TW = 0, ntw = 0, ntiles = 0;
   int Rn[3] = {0, 0, 0}, H0 = 0;
   int nrow[3] = {0, 0, 0}, ncol[3] = {0, 0, 0}, pitch[3] = {0, 0, 0}, brow[3] = {0, 0, 0};
-  int scols = 0, opitch = 0;
+  int srows = 0, scols = 0, opitch = 0;
   int offS[2] = {0, 0}, planeS[2] = {0, 0}, offG = 0;
   int64_t smem = 0, budget = 0;
   double cost = 0.0;
@@ -437,7 +437,8 @@ bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t bud
     m.pitch[j] = odd8(8 * m.ncol[j - 1]);
     m.brow[j] = std::max(16 * m.nrow[j] + a.ksize[j] - 1, 16 * m.nrow[j - 1]);
   }
-  m.scols = 8 * m.ncol[0] + 8;
+  m.scols = 8 * m.ncol[0] + 8;                       // every column level 0 reads
+  m.srows = std::min(m.brow[0], TH + 2 * m.H0);       // the rows its kept outputs read
   m.opitch = (int)round_up(TW, 2);
   int64_t plane[2] = {0, 0};
   for (int j = 0; j < L; ++j) plane[j % 2] = std::max<int64_t>(plane[j % 2], (int64_t)m.brow[j] * m.pitch[j] * 2);
@@ -454,7 +455,7 @@ bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t bud
   if (ntiles > std::numeric_limits<int32_t>::max() / 1024) return false;
   m.ntiles = (int)ntiles;
   const double ns = a.dtype == kBFloat16 ? 2.0 : 1.0;
-  double per_tile = kMmaCostBlock + kMmaCostStage * (double)m.brow[0] * m.scols;
+  double per_tile = kMmaCostBlock + kMmaCostStage * (double)m.srows * m.scols;
   for (int j = 0; j < L; ++j)
     per_tile += 128.0 * m.nrow[j] * m.ncol[j] * (kMmaCostValue + 0.25 * (1.0 + ns) * a.ksize[j]);
   m.cost = per_tile * (double)m.ntiles / (double)(a.H * a.W);
@@ -741,6 +742,7 @@ void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* p
       P.w[j] = j < a.L ? reinterpret_cast<const float*>(a.weight[j]) : nullptr;
     }
     P.H0 = m.H0;
+    P.srows = m.srows;
     P.scols = m.scols;
     P.opitch = m.opitch;
     P.TH = m.TH;
