@@ -96,7 +96,7 @@ def make_config(args: argparse.Namespace, argv: List[str]) -> Config:
         cfg.batches = [256, 64] if args.quick else [256, 64, 1]
         # --quick: the essentials; torch.compile (about a minute per model) only in the full suite
         cfg.modes = ["eager", "fused"] if args.quick else ["eager", "fused", "fused:cuda", "compile", "fused+compile"]
-        cfg.op_backends = ["eager", "reference", "triton", "cuda"] + ([] if args.quick else ["reference_compiled"])
+        cfg.op_backends = ["eager", "reference", "triton", "cuda", "cuda_fma"] + ([] if args.quick else ["reference_compiled"])
         cfg.op_sizes = ["tiny"] if args.quick else ["tiny", "base"]
         cfg.op_dtypes = [torch.bfloat16]
         cfg.budget_s = GPU_BUDGET_S["quick" if args.quick else "full"]

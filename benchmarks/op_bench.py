@@ -16,7 +16,9 @@ from .common import (DTYPE_NAMES, L2Flusher, bench_calls, env_var, free_memory, 
 LEVEL_KERNELS = {1: [3], 2: [3, 5], 3: [3, 5, 7], 4: [3, 5, 7, 9]}
 
 #: every backend the op section knows, in table order.
-OP_BACKENDS = ("eager", "reference", "reference_compiled", "triton", "cuda", "cpu")
+OP_BACKENDS = ("eager", "reference", "reference_compiled", "triton", "cuda", "cuda_fma", "cpu")
+# cuda_fma: the CUDA backend with its tensor-core forward off (FOCALNET_CUDA_MMA=0), so that a GPU run
+# times both CUDA forwards (fp16/bf16; for fp32 it is the same kernel as cuda and is skipped)
 
 BACKEND_NOTES = {
     "eager": "the model's eager formulation in the input dtype (channels-first F.conv2d + GELU + gate per "
@@ -101,21 +103,40 @@ def make_input_sets(B, H, W, C, L, dtype, device, *, bwd: bool, l2: int, seed: i
     return sets
 
 
-def _backend_call(backend: str, compiled: Dict) -> Tuple[Callable, Optional[str]]:
-    """(fn(ctx, gates, kernels) -> out, FOCALNET_KERNELS_BACKEND value to set while it runs)."""
+def _backend_env(backend: str) -> Dict[str, str]:
+    """The environment a backend runs under (FOCALNET_KERNELS_BACKEND, FOCALNET_CUDA_MMA)."""
+    if backend in ("eager", "reference_compiled"):
+        return {}
+    if backend == "cuda_fma":
+        return {"FOCALNET_KERNELS_BACKEND": "cuda", "FOCALNET_CUDA_MMA": "0"}
+    return {"FOCALNET_KERNELS_BACKEND": backend}
+
+
+def _backend_call(backend: str, compiled: Dict) -> Tuple[Callable, Dict[str, str]]:
+    """(fn(ctx, gates, kernels) -> out, the environment to set while it runs)."""
     import focalnet_kernels
     if backend == "eager":
-        return focal_context_eager, None
+        return focal_context_eager, {}
     if backend == "reference_compiled":
-        return compiled["fn"], None
-    return (lambda c, g, k: focalnet_kernels.focal_context(c, g, k)), backend
+        return compiled["fn"], {}
+    return (lambda c, g, k: focalnet_kernels.focal_context(c, g, k)), _backend_env(backend)
+
+
+@contextlib.contextmanager
+def _env(values: Dict[str, str]):
+    with contextlib.ExitStack() as stack:
+        for k, v in values.items():
+            stack.enter_context(env_var(k, v))
+        yield
 
 
 def backend_skip_reason(backend: str, device: torch.device, dtype: torch.dtype, L: int,
                         compile_backend: str) -> Optional[str]:
     """None when the backend can run here (a trial call on a small input), else why it cannot."""
-    if backend == "cuda" and device.type != "cuda":
+    if backend in ("cuda", "cuda_fma") and device.type != "cuda":
         return "the cuda backend needs CUDA tensors (this run uses CPU tensors)"
+    if backend == "cuda_fma" and dtype == torch.float32:
+        return "fp32 has no tensor-core forward: cuda_fma is the cuda backend's kernel"
     if backend == "cpu" and device.type != "cpu":
         return "the cpu backend runs on CPU tensors; the GPU suite times device tensors"
     if backend == "triton" and device.type != "cuda":
@@ -125,7 +146,7 @@ def backend_skip_reason(backend: str, device: torch.device, dtype: torch.dtype, 
     try:
         import focalnet_kernels
         inp = OpInputs(1, 5, 5, 4, L, dtype, device, requires_grad=False, seed=0)
-        with env_var("FOCALNET_KERNELS_BACKEND", backend):
+        with _env(_backend_env(backend)):
             focalnet_kernels.focal_context(inp.ctx, inp.gates, inp.kernels)
         sync(device)
     except Exception as e:
@@ -162,7 +183,7 @@ def run_op_entry(*, size: str, stage: int, shape: Tuple[int, int, int, int], L: 
                 with torch.no_grad():
                     fn(s.ctx, s.gates, s.kernels)
 
-        with env_var("FOCALNET_KERNELS_BACKEND", env_value) if env_value else contextlib.nullcontext():
+        with _env(env_value):
             first = wall(call, device)  # includes JIT / compile of this configuration
             for _ in range(2):
                 call()

@@ -184,7 +184,7 @@ def render(res: Dict, source: str = "") -> str:
     ops = [e for e in (res.get("op") or []) if e.get("status") == "ok"]
     if ops:
         size0 = ops[0]["size"]
-        backends = [b for b in ("eager", "reference", "reference_compiled", "triton", "cuda")
+        backends = [b for b in ("eager", "reference", "reference_compiled", "triton", "cuda", "cuda_fma")
                     if any(e["backend"] == b for e in ops)]
         bw = (res.get("bandwidth") or {}).get("GBps")
         B = ops[0]["shape"][0]

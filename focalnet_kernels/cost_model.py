@@ -1582,7 +1582,7 @@ def format_rows(rows) -> str:
 _DT_LONG = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def compare(results: dict, backends=("triton", "cuda")) -> list:
+def compare(results: dict, backends=("triton", "cuda", "cuda_fma")) -> list:
     """Predicted beside measured for every op case of a GPU suite run (focalnet-bench results.json):
     one dict per (shape, kernel sizes, dtype, direction, backend) that ran, with measured_ms,
     predicted_ms and measured / predicted. This is the calibration the first GPU runs give the model."""
@@ -1592,7 +1592,18 @@ def compare(results: dict, backends=("triton", "cuda")) -> list:
             continue
         dtype = _DT_LONG.get(e["dtype"], e["dtype"])
         try:
-            p = predict(e["backend"], e["direction"], e["shape"], e["kernels"], dtype)
+            if e["backend"] == "cuda_fma":  # the CUDA backend with FOCALNET_CUDA_MMA=0
+                old = os.environ.get("FOCALNET_CUDA_MMA")
+                os.environ["FOCALNET_CUDA_MMA"] = "0"
+                try:
+                    p = predict("cuda", e["direction"], e["shape"], e["kernels"], dtype)
+                finally:
+                    if old is None:
+                        os.environ.pop("FOCALNET_CUDA_MMA", None)
+                    else:
+                        os.environ["FOCALNET_CUDA_MMA"] = old
+            else:
+                p = predict(e["backend"], e["direction"], e["shape"], e["kernels"], dtype)
             pred, bound, instr = p["predicted_ms"], p["bound"], p["instr_per_elem"]
         except Exception as ex:  # e.g. the CUDA backward, which the model does not cover
             pred, bound, instr = None, f"not modelled ({type(ex).__name__})", None

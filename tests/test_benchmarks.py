@@ -329,3 +329,19 @@ def test_cuda_preference_without_gpu_results(tmp_path, capsys):
     path.write_text(json.dumps({"device": {"type": "cpu"}, "op": [_op_entry(2, (3, 5), "cpu", "fwd", 1.0)]}))
     assert cp.main([str(path)]) == 1
     assert "no configuration was measured" in capsys.readouterr().err
+
+
+def test_cuda_fma_backend_times_the_cuda_backend_without_tensor_cores():
+    # the GPU suite times both CUDA forwards: cuda (tensor cores for fp16/bf16) and cuda_fma
+    from benchmarks import op_bench
+    assert "cuda_fma" in op_bench.OP_BACKENDS
+    assert op_bench._backend_env("cuda_fma") == {"FOCALNET_KERNELS_BACKEND": "cuda", "FOCALNET_CUDA_MMA": "0"}
+    assert op_bench._backend_env("cuda") == {"FOCALNET_KERNELS_BACKEND": "cuda"}
+    assert op_bench._backend_env("eager") == {}
+    cpu = torch.device("cpu")
+    assert "CUDA tensors" in op_bench.backend_skip_reason("cuda_fma", cpu, torch.bfloat16, 3, "inductor")
+    import os
+    before = dict(os.environ)
+    with op_bench._env(op_bench._backend_env("cuda_fma")):
+        assert os.environ["FOCALNET_CUDA_MMA"] == "0" and os.environ["FOCALNET_KERNELS_BACKEND"] == "cuda"
+    assert dict(os.environ) == before
