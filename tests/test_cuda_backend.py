@@ -171,9 +171,15 @@ def test_tensor_core_forward(B, H, W, C, layout, ks, dtype, monkeypatch):
     assert rel_err(out2, r["out"]) < TOL[dtype]
     if H * W * C >= 1000:  # the tensor-core result really came from its kernel, not the fallback
         assert not torch.equal(out, out2)
-    monkeypatch.setenv("FOCALNET_CUDA_MMA", "2")
-    with pytest.raises(ValueError, match="FOCALNET_CUDA_MMA"):
-        nat.focal_context_fwd_native(ctx, gates, weights, True)
+
+
+def test_tensor_core_switch_rejects_other_values(monkeypatch):
+    nat = _native()
+    ctx, gates, weights = make_inputs(1, 5, 6, 8, [3, 5], torch.bfloat16, seed=2)
+    for bad in ("2", "yes", "true"):
+        monkeypatch.setenv("FOCALNET_CUDA_MMA", bad)
+        with pytest.raises(ValueError, match="FOCALNET_CUDA_MMA"):
+            nat.focal_context_fwd_native(ctx, gates, weights, True)
 
 
 def test_tensor_core_plan_matches_the_cost_model_port():
