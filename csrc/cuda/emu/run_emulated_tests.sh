@@ -5,7 +5,10 @@
 #   csrc/cuda/emu/run_emulated_tests.sh -k "levels_and_windows or nan_inf"
 # SAN=address|thread adds a sanitizer (run the driver with LD_PRELOAD of libasan/libtsan then;
 # ASan cannot intercept C++ exceptions thrown in a preloaded process, so skip test_invalid_arguments_raise).
-# FC_BWD_TARGET_BLOCKS=4 makes every backward slot walk many tiles.
+# FC_BWD_TARGET_BLOCKS=4 makes every backward slot walk many tiles. EMU_FLAGS adds compiler flags
+# (e.g. EMU_FLAGS=-DFC_MMA_BF16_NS=1).
+# With an editable install, move focalnet_kernels/_C*.so aside for SAN= runs: its second registration of
+# FocalContextArgs throws at import, which a preloaded ASan cannot intercept.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../.." && pwd)
