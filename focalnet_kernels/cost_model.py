@@ -1593,15 +1593,9 @@ def compare(results: dict, backends=("triton", "cuda", "cuda_fma")) -> list:
         dtype = _DT_LONG.get(e["dtype"], e["dtype"])
         try:
             if e["backend"] == "cuda_fma":  # the CUDA backend with FOCALNET_CUDA_MMA=0
-                old = os.environ.get("FOCALNET_CUDA_MMA")
-                os.environ["FOCALNET_CUDA_MMA"] = "0"
-                try:
+                from unittest import mock
+                with mock.patch.dict(os.environ, {"FOCALNET_CUDA_MMA": "0"}):
                     p = predict("cuda", e["direction"], e["shape"], e["kernels"], dtype)
-                finally:
-                    if old is None:
-                        os.environ.pop("FOCALNET_CUDA_MMA", None)
-                    else:
-                        os.environ["FOCALNET_CUDA_MMA"] = old
             else:
                 p = predict(e["backend"], e["direction"], e["shape"], e["kernels"], dtype)
             pred, bound, instr = p["predicted_ms"], p["bound"], p["instr_per_elem"]

@@ -52,7 +52,6 @@ struct MmaParams {
   int H0;             // halo of the staged ctx
   int nrow[3], ncol[3];
   int pitch[3];       // elements per row of the buffer holding level j's input
-  int brow[3];        // rows of that buffer
   int srows, scols;   // staged rows / columns of ctx (rows past srows only feed discarded outputs)
   int opitch;         // elements per row of the output tile in slot 0
   int TH, TW, ntw, ntiles, cblocks;
@@ -87,7 +86,7 @@ template <> struct MmaT<__nv_bfloat16> {
 inline void ldsm_x4(uint32_t (&a)[4], const void* p) { emu_ldsm_x4(a, p); }
 template <typename T>
 inline void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  emu_mma16816(c, a, b0, b1, sizeof(T) == 2 && std::is_same<T, __half>::value);
+  emu_mma16816(c, a, b0, b1, std::is_same<T, __half>::value);
 }
 #else
 __device__ __forceinline__ void ldsm_x4(uint32_t (&a)[4], const void* p) {
@@ -291,7 +290,6 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
   constexpr int NWP = (NW0 + NW1 + NW2 + 3) / 4 * 4;
   FC_DYN_SMEM(smf);
   char* sm = reinterpret_cast<char*>(smf);
-  const T* tag = nullptr;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
   // 32-bit index math: the host keeps the grid below 2^31 blocks

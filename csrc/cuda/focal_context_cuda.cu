@@ -128,7 +128,7 @@ int find_spec(int nl, const int* k) {
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-int64_t cblocks_of_c(int64_t C) { return ceil_div(C, CB); }
+int64_t cblocks_of(int64_t C) { return ceil_div(C, CB); }  // channel blocks of 8
 
 // ------------------------------------------------------------------------------------------
 // plans (pure functions of the arguments: workspace size and launches always agree)
@@ -475,7 +475,7 @@ MmaPlan plan_mma(const FocalContextArgs& a) {
     for (int tw : kMmaTW) {
       MmaPlan m;
       if (!mma_geom(m, a, th, tw, budget)) continue;
-      if (a.B * (int64_t)m.ntiles * cblocks_of_c(a.C) > std::numeric_limits<int32_t>::max()) continue;
+      if (a.B * (int64_t)m.ntiles * cblocks_of(a.C) > std::numeric_limits<int32_t>::max()) continue;
       if (!best.ok || m.cost < best.cost) {
         best = m;
         best.ok = true;
@@ -506,7 +506,7 @@ struct BwdPlan {
 };
 
 int64_t map_bytes(const FocalContextArgs& a) { return a.B * a.H * a.W * a.C * (int64_t)sizeof(float); }
-int64_t cblocks_of(const FocalContextArgs& a) { return ceil_div(a.C, CB); }
+int64_t cblocks_of(const FocalContextArgs& a) { return cblocks_of(a.C); }
 
 FwdPlan plan_fwd(const FocalContextArgs& a) {
   FwdPlan pl;
@@ -738,7 +738,6 @@ void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* p
       P.nrow[j] = m.nrow[j];
       P.ncol[j] = m.ncol[j];
       P.pitch[j] = m.pitch[j];
-      P.brow[j] = m.brow[j];
       P.w[j] = j < a.L ? reinterpret_cast<const float*>(a.weight[j]) : nullptr;
     }
     P.H0 = m.H0;
@@ -749,7 +748,7 @@ void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* p
     P.TW = m.TW;
     P.ntw = m.ntw;
     P.ntiles = m.ntiles;
-    const int64_t cblocks = cblocks_of_c(a.C);
+    const int64_t cblocks = cblocks_of(a.C);
     P.cblocks = (int)cblocks;
     P.offS[0] = m.offS[0];
     P.offS[1] = m.offS[1];
