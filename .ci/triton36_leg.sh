@@ -19,8 +19,9 @@
 # or not; strided, channels-first, offset and broadcast views; NaN/Inf propagation; each forward and
 # backward against the fp64 reference. A change that breaks the CUDA backend fails CI this way.
 # Both parts run even when the first fails; the leg fails if either does.
-TRITON36_TESTS=(tests/test_triton_fwd.py tests/test_triton_bwd.py tests/test_op.py tests/test_report.py)
-CUDA_EMU_SUBSET="levels_and_windows or nan_inf or strided or tensor_core"
+TRITON36_TESTS=(tests/test_triton_fwd.py tests/test_triton_bwd.py tests/test_op.py tests/test_report.py
+                tests/test_modulation_tail.py)
+CUDA_EMU_SUBSET="levels_and_windows or nan_inf or strided or tensor_core or global_term"
 
 triton36_leg() {
   local venv=$1 so=$2 t0 py site

@@ -117,7 +117,7 @@ class Run:
         self.cfg = cfg
         self.device = cfg.device
         self.budget = Budget(cfg.budget_s)
-        self.results: Dict = {"inference": [], "training": [], "op": [], "equivalence": [], "skipped": [],
+        self.results: Dict = {"inference": [], "training": [], "op": [], "tail": [], "equivalence": [], "skipped": [],
                               "sections": [], "bandwidth": None, "models": {}}
         self.pool: Dict[str, Dict] = {}
         self.current_task = ""
@@ -595,6 +595,17 @@ def task_op(run: Run, size: str, dtype: torch.dtype, backends: Sequence[str], di
     free_memory(run.device)
 
 
+def task_tail(run: Run, dtype: torch.dtype) -> None:
+    """The modulation tail and the inference modulation, eager vs the Triton tail (benchmarks/tail_bench.py)."""
+    from . import tail_bench
+    cfg = run.cfg
+    shapes = M.stage_shapes("tiny", tiny=cfg.tiny, img_size=cfg.img_size)[:cfg.op_stages]
+    rows = tail_bench.run(cfg.op_batch, dtype, levels=cfg.op_levels, shapes=shapes, device=run.device,
+                          budget_left=run.budget.left)
+    run.results["tail"].extend(rows)
+    log(tail_bench.format_rows(rows))
+
+
 # ------------------------------------------------------------------------------------------------
 # plans
 # ------------------------------------------------------------------------------------------------
@@ -683,6 +694,9 @@ def plan_gpu(run: Run) -> List[Task]:
 
     for s in first:                                   # the essentials (what --quick keeps)
         op(s, op_backends_main, op_dtype, "[" + ", ".join(op_backends_main) + "]")
+        if run.device.type == "cuda" and s in cfg.op_sizes:
+            tasks.append(Task(f"tail {DTYPE_NAMES[op_dtype]} B={cfg.op_batch}", 6.0 + 2.0 * cfg.op_stages,
+                              lambda r: task_tail(r, op_dtype)))
         infer_and_equiv(s)
         train(s)
         if comp_modes and big:

@@ -45,6 +45,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("dtype", &FocalContextArgs::dtype)
       .def_readwrite("normalize", &FocalContextArgs::normalize)
       .def_readwrite("deterministic", &FocalContextArgs::deterministic)
+      .def_readwrite("global_term", &FocalContextArgs::global_term)
       .def_readwrite("ctx", &FocalContextArgs::ctx)
       .def_readwrite("ctx_stride", &FocalContextArgs::ctx_stride)
       .def_readwrite("gates", &FocalContextArgs::gates)

@@ -25,6 +25,10 @@ struct FocalContextArgs {
   int32_t dtype = kFloat32;                   // dtype of ctx, gates, grad_out, out, grad_ctx, grad_gates
   bool normalize = false;
   bool deterministic = true;                  // no float atomics when true
+  // Forward: add the global term s * g_L * GELU(pooled) to out (false: out holds only the levels'
+  // gated sum, for a caller that applies the rank-1 global term itself, in the h GEMM's epilogue).
+  // CUDA only: the CPU forward rejects false.
+  bool global_term = true;
 
   // Inputs. Strides are in ELEMENTS, ordered (B, H, W, C); any strides (views) are allowed.
   uintptr_t ctx = 0;   std::array<int64_t, 4> ctx_stride{};

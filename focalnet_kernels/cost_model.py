@@ -1562,6 +1562,45 @@ def predict_rows(stages=(1, 2, 3, 4), ksets=("SRF", "LRF"), dtypes=DTYPES, direc
     return rows
 
 
+def predict_tail(shape, L, dtype, arch=90) -> dict:
+    """The modulation tail at one FocalNet stage (focalnet_kernels/triton/modulation_tail.py, the global
+    term folded in) from its SASS, beside eager's tail (cuBLAS GEMM writing the modulator, then q * it:
+    counted at its HBM bytes only, an optimistic bound for eager) and the focal-context forward's
+    global-term pass that folding removes (its HBM bytes: read and write out, read g_L)."""
+    from .triton import modulation_tail as T
+    B, H, W, C = (int(v) for v in shape)
+    M, es = B * H * W, _ESIZE[dtype]
+    e = T._report_entry(_TDT[dtype], C, L)
+    bn, _, _ = T.tail_blocks(C, C)
+    progs = _cdiv(M, T._BLOCK_M) * _cdiv(C, bn)
+    gate = _gate_bytes_per_pixel(L, es)
+    # HBM: x (the local sum), q, out once; the gate's sector; weights and global_h once
+    hbm = M * (3 * C * es + gate) + C * C * es + B * C * 4
+    t = launch_time(Launch(e["name"], e["config"], progs, progs, hbm, compile_entry(e, arch),
+                           dict(e["constexprs"], M=M, N=C, K=C, HW=H * W)))
+    bw = H100["hbm_tb_s"] * 1e12
+    eager_ms = M * C * es * 5 / bw * 1e3             # GEMM: read x, write h; product: read q, h, write out
+    folded_ms = (M * (2 * C * es + gate)) / bw * 1e3  # the global-term pass of the focal-context forward
+    # dense bf16/fp16 tensor peak: 4096 flop per clk per SM (989 TFLOPS at 1.83 GHz)
+    flops_ms = 2.0 * M * C * C / (H100["sms"] * 4096 * H100["clock_ghz"] * 1e9) * 1e3
+    return {"shape": [B, H, W, C], "L": L, "dtype": dtype, "kernel": e["name"], "config": e["config"],
+            "predicted_ms": round(t["ms"], 4), "bound": t["bound"], "regs": t["regs"], "spill_bytes": t["spill"],
+            "hbm_floor_ms": round(hbm / bw * 1e3, 4), "tensor_ms_at_dense_peak": round(flops_ms, 4),
+            "eager_tail_hbm_ms": round(eager_ms, 4), "global_pass_saved_ms": round(folded_ms, 4),
+            "prediction": "static model, not a measurement (docs/cost-model.md)"}
+
+
+def format_tail(rows) -> str:
+    hdr = ("stage", "dtype", "tail pred ms", "bound", "regs", "spill", "eager tail (HBM) ms",
+           "global pass saved ms", "config")
+    body = [(str(r["stage"]), r["dtype"], f"{r['predicted_ms']:.3f}", r["bound"], str(r["regs"]),
+             str(r["spill_bytes"]), f"{r['eager_tail_hbm_ms']:.3f}", f"{r['global_pass_saved_ms']:.3f}", r["config"])
+            for r in rows]
+    w = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(hdr)]
+    fmt = "  ".join(f"{{:<{x}}}" for x in w)
+    return "\n".join([fmt.format(*hdr), fmt.format(*("-" * x for x in w))] + [fmt.format(*b) for b in body])
+
+
 def format_rows(rows) -> str:
     hdr = ("stage", "k", "backend", "dtype", "dir", "pred ms", "floor ms", "x floor", "bound", "instr/el",
            "ffma/el", "regs", "warps/SM", "auto", "config")
@@ -1632,6 +1671,8 @@ def main(argv=None):
     ap.add_argument("--kset", default="SRF,LRF")
     ap.add_argument("--direction", default="fwd,fwd+bwd")
     ap.add_argument("--backend", default="triton,cuda")
+    ap.add_argument("--tail", action="store_true",
+                    help="the modulation tail (Triton GEMM + gating, global term folded) per stage instead")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         # compiling needs the real @triton.jit functions (report.py does the same)
@@ -1643,6 +1684,16 @@ def main(argv=None):
             res = json.load(f)
         rows = compare(res, tuple(a.backend.split(",")))
         print(json.dumps(rows) if a.json else format_compare(rows, (res.get("env") or {}).get("device_name", "")))
+        return 0
+    if a.tail:
+        rows = []
+        for st in (int(v) for v in a.stage.split(",")):
+            for dt in a.dtype.split(","):
+                if dt == "float32":
+                    continue   # the report compiles the half-precision tail (tensor cores)
+                for kn in a.kset.split(","):
+                    rows.append(dict(predict_tail(STAGES[st], len(KSETS[kn]), dt), stage=st, kset=kn))
+        print(json.dumps(rows) if a.json else format_tail(rows) + "\nPREDICTION (static model), not a measurement")
         return 0
     rows = predict_rows(tuple(int(s) for s in a.stage.split(",")), tuple(a.kset.split(",")),
                         tuple(a.dtype.split(",")), tuple(a.direction.split(",")), tuple(a.backend.split(",")))

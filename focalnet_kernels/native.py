@@ -162,10 +162,12 @@ def cuda_fwd_plan(ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torc
 
 
 def focal_context_fwd_native(
-    ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor], normalize: bool
+    ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor], normalize: bool,
+    global_term: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """out = s (sum_l g_l x_{l+1} + g_L GELU(pooled)) as a new contiguous B x H x W x C tensor of
-    ctx's dtype, and pooled = mean_{H,W} x_L as float32 [B, C] (saved for backward)."""
+    ctx's dtype, and pooled = mean_{H,W} x_L as float32 [B, C] (saved for backward).
+    global_term=False (CUDA only; the CPU kernel raises ValueError): out without g_L GELU(pooled)."""
     B, H, W, C, L = _check(ctx, gates, weights)
     dev = ctx.device
     isa = _cpu_isa_env() if dev.type == "cpu" else None
@@ -181,6 +183,7 @@ def focal_context_fwd_native(
         a = _base_args(mod, ctx, gates, w32, normalize)
         a.out = out.data_ptr()
         a.pooled = pooled.data_ptr()
+        a.global_term = bool(global_term)
         ws = _workspace(mod, a, dev.type, False, dev)
         getattr(mod, f"focal_context_fwd_{dev.type}")(a)
     del ws

@@ -27,6 +27,7 @@ inside torch.compile.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .linear import _grad_weight, _mm_onednn, linear, select_linear_backend
-from .ops import focal_context
+from .modulation import focal_modulation_infer, select_tail_backend, tail_product
+from .ops import _exporting_to_onnx, focal_context
 
 __all__ = ["mlp_gelu", "modulation_tail", "focal_modulation"]
 
@@ -146,7 +148,7 @@ class _ModulationTail(torch.autograd.Function):
     def forward(ctx, q, ctx_all, h_weight, h_bias, proj_weight, proj_bias):
         ctx.onednn = select_linear_backend(ctx_all, h_weight, h_bias) == "onednn"
         ctx.save_for_backward(q, ctx_all, h_weight, h_bias, proj_weight)
-        out = q * linear(ctx_all, h_weight, h_bias)
+        out = tail_product(q, ctx_all, h_weight, h_bias, select_tail_backend(q, ctx_all, h_weight, h_bias))
         return out if proj_weight is None else linear(out, proj_weight, proj_bias)
 
     @staticmethod
@@ -184,9 +186,19 @@ def modulation_tail(q: Tensor, ctx_all: Tensor, h_weight: Tensor, h_bias: Option
     if proj_weight is not None:
         _check_linear("modulation_tail (proj)", q.shape[-1], proj_weight, proj_bias)
     if not _needs_graph(q, ctx_all, h_weight, h_bias, proj_weight, proj_bias):
-        out = q * linear(ctx_all, h_weight, h_bias)
+        out = _tail_no_grad(q, ctx_all, h_weight, h_bias)
         return out if proj_weight is None else linear(out, proj_weight, proj_bias)
     return _apply(_ModulationTail, (q, ctx_all, h_weight, h_bias, proj_weight, proj_bias))
+
+
+def _tail_no_grad(q: Tensor, ctx_all: Tensor, h_weight: Tensor, h_bias: Optional[Tensor]) -> Tensor:
+    """q * h(ctx_all) without a graph: the Triton tail where it runs (autocast's casts done first, as
+    for F.linear), else `linear` (which autocasts itself), then the product."""
+    cast, (cq, cx, cw, cb) = _autocast_cast((q, ctx_all, h_weight, h_bias))
+    with torch.autocast(q.device.type, enabled=False) if cast else contextlib.nullcontext():
+        if select_tail_backend(cq, cx, cw, cb) == "triton":
+            return tail_product(cq, cx, cw, cb, "triton")
+    return q * linear(ctx_all, h_weight, h_bias)
 
 
 def focal_modulation(y: Tensor, kernels: Sequence[Tensor], h_weight: Tensor, h_bias: Optional[Tensor],
@@ -203,5 +215,15 @@ def focal_modulation(y: Tensor, kernels: Sequence[Tensor], h_weight: Tensor, h_b
         raise ValueError(f"focal_modulation: y must be [B, H, W, 2C + L + 1] = [..., {2 * C + L + 1}] for "
                          f"C={C}, L={L}; got {tuple(y.shape)}")
     q, ctx, gates = y[..., :C], y[..., C:2 * C], y[..., 2 * C:]
+    if y.numel() and not _needs_graph(y, *kernels, h_weight, h_bias, proj_weight, proj_bias) \
+            and not _exporting_to_onnx():
+        # inference: with the tail on Triton, one op whose tail's epilogue adds the global term
+        cast, (cy, cw, cb) = _autocast_cast((y, h_weight, h_bias))
+        out = None
+        with torch.autocast(y.device.type, enabled=False) if cast else contextlib.nullcontext():
+            if select_tail_backend(cy[..., :C], cy[..., C:2 * C], cw, cb) == "triton":
+                out = focal_modulation_infer(cy, kernels, cw, cb, normalize)
+        if out is not None:
+            return out if proj_weight is None else linear(out, proj_weight, proj_bias)
     ctx_all = focal_context(ctx, gates, kernels, normalize=normalize)
     return modulation_tail(q, ctx_all, h_weight, h_bias, proj_weight, proj_bias)

@@ -72,15 +72,17 @@ def _levels(x0_cf: Tensor, weights: Sequence[Tensor]) -> Tuple[List[Tensor], Lis
     return zs, xs
 
 
-def focal_context_fwd_ref(ctx: Tensor, gates: Tensor, weights: Sequence[Tensor], normalize: bool):
-    """Backend contract forward: returns (out contiguous B×H×W×C in ctx.dtype, pooled fp32 [B, C])."""
+def focal_context_fwd_ref(ctx: Tensor, gates: Tensor, weights: Sequence[Tensor], normalize: bool,
+                          global_term: bool = True):
+    """Backend contract forward: returns (out contiguous B×H×W×C in ctx.dtype, pooled fp32 [B, C]).
+    global_term=False leaves s·g_L·GELU(pooled) out of `out` (the caller folds it into the h GEMM)."""
     cdt = _compute_dtype(ctx.dtype)
     L = len(weights)
     s = 1.0 / (L + 1) if normalize else 1.0
     _, xs = _levels(ctx.to(cdt).permute(0, 3, 1, 2), weights)
     g = gates.to(cdt).permute(0, 3, 1, 2)
     pooled = xs[-1].mean((2, 3))
-    out = gelu(pooled)[:, :, None, None] * g[:, L : L + 1]
+    out = gelu(pooled)[:, :, None, None] * g[:, L : L + 1] if global_term else 0
     for l in range(L):
         out = out + xs[l + 1] * g[:, l : l + 1]
     out = out * s

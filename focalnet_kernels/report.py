@@ -2,8 +2,8 @@
 
 ``python -m focalnet_kernels.report [--arch 80,90] [--filter SUBSTR] [--jobs N] [--json]``
 
-Compiles every entry of ``REPORT_KERNELS`` of ``focalnet_kernels.triton.focal_context_fwd`` and
-(if importable) ``focalnet_kernels.triton.focal_context_bwd`` (format: see the docstring of
+Compiles every entry of ``REPORT_KERNELS`` of ``focalnet_kernels.triton.focal_context_fwd``,
+``focal_context_bwd`` and ``modulation_tail`` (format: see the docstring of
 focal_context_fwd.py) for sm_80 and sm_90 with ``triton.compile(ASTSource(...),
 target=GPUTarget("cuda", arch, 32))``, dumps each cubin to a temp file and runs the ``cuobjdump``
 shipped in Triton's wheel (``-res-usage``, ``-sass``).  Per kernel x config x arch it prints:
@@ -27,7 +27,8 @@ import sys
 import tempfile
 import warnings
 
-MODULES = ("focalnet_kernels.triton.focal_context_fwd", "focalnet_kernels.triton.focal_context_bwd")
+MODULES = ("focalnet_kernels.triton.focal_context_fwd", "focalnet_kernels.triton.focal_context_bwd",
+           "focalnet_kernels.triton.modulation_tail")
 ARCHS = (80, 90)
 
 _LDG_RE = re.compile(r"\bLDG(\.[A-Z0-9_]+)*")

@@ -279,6 +279,9 @@ def test_gpu_suite_tiny_on_cuda(tmp_path):
     assert res["training"] and all(e["status"] == "ok" and e["peak_mem_bytes"] > 0 for e in res["training"])
     bad = [(e["backend"], e["direction"], e["shape"], e.get("reason")) for e in res["op"] if e["status"] != "ok"]
     assert not bad, bad
+    tail = res["tail"]
+    assert tail and all(e["status"] == "ok" for e in tail), [e for e in tail if e["status"] != "ok"]
+    assert all(e["max_rel_vs_modulation_eager"] < 5e-2 for e in tail if e["variant"] == "modulation_fused")
     ran = {e["backend"] for e in res["op"]}
     skipped = " ".join(s["item"] for s in res["skipped"])
     for b in ("triton", "cuda"):
@@ -345,3 +348,15 @@ def test_cuda_fma_backend_times_the_cuda_backend_without_tensor_cores():
     with op_bench._env(op_bench._backend_env("cuda_fma")):
         assert os.environ["FOCALNET_CUDA_MMA"] == "0" and os.environ["FOCALNET_KERNELS_BACKEND"] == "cuda"
     assert dict(os.environ) == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and __import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton tail needs a GPU or the interpreter")
+def test_tail_bench_cell_runs_every_variant():
+    """benchmarks/tail_bench.py on one small shape: every variant runs, the fused modulation equals eager's."""
+    from benchmarks import tail_bench
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = tail_bench.run_cell(2, 5, 6, 32, 3, torch.float32, torch.device(dev), n=2)
+    assert [r["variant"] for r in rows] == list(tail_bench.VARIANTS)
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in rows), rows
+    assert rows[-1]["max_rel_vs_modulation_eager"] < 1e-5

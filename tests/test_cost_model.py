@@ -271,3 +271,19 @@ def test_compare_puts_predicted_beside_measured(monkeypatch):
     assert rows[1]["predicted_ms"] is None and "not modelled" in rows[1]["bound"]
     text = cm.format_compare(rows, "H100")
     assert "H100" in text and "1.5" in text and "not modelled" in text
+
+
+@needs_compiler
+def test_tail_rows_hbm_bound_without_spills():
+    """`--tail`: the Triton modulation tail per stage, from its SASS: HBM-bound, no spills, below eager's
+    bytes (the global-term pass it removes beside it)."""
+    p = subprocess.run([sys.executable, "-m", "focalnet_kernels.cost_model", "--tail", "--json", "--stage", "1,3",
+                        "--kset", "LRF", "--dtype", "bfloat16"],
+                       capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [r["stage"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["spill_bytes"] == 0 and r["bound"] == "hbm", r
+        assert r["hbm_floor_ms"] <= r["predicted_ms"] < r["eager_tail_hbm_ms"], r
+        assert r["global_pass_saved_ms"] > 0 and r["tensor_ms_at_dense_peak"] < r["predicted_ms"]

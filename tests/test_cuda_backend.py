@@ -173,6 +173,25 @@ def test_tensor_core_forward(B, H, W, C, layout, ks, dtype, monkeypatch):
         assert not torch.equal(out, out2)
 
 
+@pytest.mark.parametrize("mma", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_forward_without_the_global_term(mma, dtype, monkeypatch):
+    """global_term=False (the inference op folds the term into the h GEMM): out is the full forward's
+    minus s * g_L * GELU(pooled), pooled unchanged; on the tensor-core and the FMA paths."""
+    if mma == "0" and dtype == torch.float32:
+        pytest.skip("fp32 runs the FMA kernels either way")
+    monkeypatch.setenv("FOCALNET_CUDA_MMA", mma)
+    nat = _native()
+    ks = [3, 5, 7]
+    ctx, gates, weights = make_inputs(2, 9, 11, 16, ks, dtype, "slice", seed=5)
+    local, pooled = nat.focal_context_fwd_native(ctx, gates, weights, True, global_term=False)
+    r = reference(ctx, gates, weights, True, None)
+    s = 1.0 / (len(ks) + 1)
+    glob = torch.nn.functional.gelu(r["pooled"])[:, None, None, :] * gates[..., -1:].detach().cpu().double() * s
+    assert rel_err(local, r["out"] - glob) < TOL[dtype]
+    _check_pooled(pooled, r, TOL[dtype])
+
+
 def test_tensor_core_switch_rejects_other_values(monkeypatch):
     nat = _native()
     ctx, gates, weights = make_inputs(1, 5, 6, 8, [3, 5], torch.bfloat16, seed=2)

@@ -220,6 +220,7 @@ void focal_context_fwd_cpu(const FocalContextArgs& a) {
   cpu::require(a.out != 0, fn, "out");
   cpu::require(a.pooled != 0, fn, "pooled");
   for (int l = 0; l < a.L; ++l) cpu::require(a.weight[l] != 0, fn, "weight");
+  if (!a.global_term) cpu::bad(fn, "global_term=false is not supported by the CPU kernel (CUDA only)");
   float* ws = cpu::aligned_workspace(a, pl, fn);
   if (cpu::dispatch(a, pl, ws, false) != 0)
     throw std::runtime_error("focal_context_fwd_cpu: out of memory for per-thread tile buffers");

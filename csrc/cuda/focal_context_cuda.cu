@@ -9,7 +9,8 @@
 //    region (zero padding of every level outside the image), accumulating the gated sum in fp32.
 //    Segment boundaries pass x_l and the running sum through fp32 workspace maps. The last
 //    segment writes out = s * local sum and per-tile pooled partials; fc_pool_finish_kernel
-//    reduces them in a fixed order, and fc_fwd_epilogue_kernel adds s * g_L * GELU(pooled).
+//    reduces them in a fixed order, and fc_fwd_epilogue_kernel adds s * g_L * GELU(pooled) (skipped
+//    when the caller folds that rank-1 term into the h GEMM: FocalContextArgs::global_term).
 //  * Forward, fp16/bf16 SRF (k = 3,5) and LRF (k = 3,5,7): the tensor-core kernel of fc_mma.cuh
 //    (taps as banded-matrix mma.sync per channel, one launch for all local levels) replaces the
 //    fused segments; fc_mma_bfrag_kernel lays the weights out as mma fragments first. It flags
@@ -866,6 +867,7 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
               1.0 / (double)(H * W), reinterpret_cast<float*>(a.pooled), gp, (const int*)nullptr,
               (const float*)nullptr, 0);
   check_launch("fc_pool_finish_kernel");
+  if (!a.global_term) return;  // the caller applies the global term (the h GEMM's epilogue)
   const int64_t nch = cblocks_of(a);
   const int cpt = (int)ceil_div(nch, ceil_div(nch, 8));  // <= 8 channel blocks per thread, balanced
   FC_LAUNCH(fc_fwd_epilogue_kernel<T>, grid_1d(B * H * W * ceil_div(nch, cpt)), NT, 0, st,

@@ -342,7 +342,7 @@ def _fwd_global_kernel(
         out_ptr, g_ptr, part_ptr, nt_ptr, pooled_ptr,
         HW, W, C, g_b, g_h, g_w, g_l, scale,
         L: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
-        P_ITERS: tl.constexpr):
+        P_ITERS: tl.constexpr, ADD_GLOBAL: tl.constexpr = True):
     # grid (B * pixel blocks, channel blocks): the batch shares axis 0 (limit 2^31 - 1) with the
     # pixel blocks instead of having grid z to itself (limit 65535)
     NPB = (HW + BLOCK_P * P_ITERS - 1) // (BLOCK_P * P_ITERS)
@@ -365,6 +365,8 @@ def _fwd_global_kernel(
     pooled = tl.sum(sacc, axis=0) / (HW * 1.0)
     if pb == 0:
         tl.store(pooled_ptr + b64 * C + c, pooled, mask=cmask)
+    if not ADD_GLOBAL:   # the caller folds the global term into the h GEMM
+        return
     gp = _gelu(pooled) * scale
     pp = tl.arange(0, BLOCK_P)
     g_base = g_ptr + b64 * g_b + L * g_l
@@ -616,13 +618,14 @@ def global_grid(B, HW, C):
                         triton.cdiv(C, _global_block_c(C))))
 
 
-def focal_context_fwd_triton(ctx, gates, weights, normalize):
-    """Contract ``fwd``: returns (out [B,H,W,C] contiguous in ctx.dtype, pooled [B,C] fp32)."""
+def focal_context_fwd_triton(ctx, gates, weights, normalize, global_term=True):
+    """Contract ``fwd``: returns (out [B,H,W,C] contiguous in ctx.dtype, pooled [B,C] fp32).
+    global_term=False: out without s * g_L * GELU(pooled) (folded into the h GEMM by the caller)."""
     with device_guard(ctx.device):
-        return _fwd(ctx, gates, weights, normalize)
+        return _fwd(ctx, gates, weights, normalize, global_term)
 
 
-def _fwd(ctx, gates, weights, normalize):
+def _fwd(ctx, gates, weights, normalize, global_term=True):
     B, H, W, C = ctx.shape
     L = len(weights)
     if not 1 <= L <= 4:
@@ -690,7 +693,7 @@ def _fwd(ctx, gates, weights, normalize):
     _launch(_fwd_global_kernel, global_grid(B, H * W, C), (
         out, gates, part, nt_word, pooled, H * W, W, C, g_b, g_h, g_w, g_l, scale), dict(
         L=L, BLOCK_P=_GLOBAL_BLOCK_P, BLOCK_C=bcg, BLOCK_T=_GLOBAL_BLOCK_T,
-        P_ITERS=_GLOBAL_P_ITERS, num_warps=_GLOBAL_WARPS))
+        P_ITERS=_GLOBAL_P_ITERS, ADD_GLOBAL=bool(global_term), num_warps=_GLOBAL_WARPS))
     return out, pooled
 
 
@@ -756,7 +759,7 @@ def _global_entry(dt, L, bc):
         "fn": _fwd_global_kernel,
         "signature": sig,
         "constexprs": {"L": L, "BLOCK_P": _GLOBAL_BLOCK_P, "BLOCK_C": bc,
-                       "BLOCK_T": _GLOBAL_BLOCK_T, "P_ITERS": _GLOBAL_P_ITERS},
+                       "BLOCK_T": _GLOBAL_BLOCK_T, "P_ITERS": _GLOBAL_P_ITERS, "ADD_GLOBAL": True},
         "attrs": {n: _D16 for n in ("out_ptr", "g_ptr", "part_ptr", "pooled_ptr")},
         "num_warps": _GLOBAL_WARPS,
         "num_stages": 3,
