@@ -21,7 +21,7 @@
 # Both parts run even when the first fails; the leg fails if either does.
 TRITON36_TESTS=(tests/test_triton_fwd.py tests/test_triton_bwd.py tests/test_op.py tests/test_report.py
                 tests/test_modulation_tail.py)
-CUDA_EMU_SUBSET="levels_and_windows or nan_inf or strided or tensor_core or global_term"
+CUDA_EMU_SUBSET="levels_and_windows or nan_inf or strided or tensor_core or global_term or backward_plan"
 
 triton36_leg() {
   local venv=$1 so=$2 t0 py site

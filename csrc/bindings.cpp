@@ -78,5 +78,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("focal_context_bwd_cuda", &focalnet::focal_context_bwd_cuda, py::arg("args"),
         py::call_guard<py::gil_scoped_release>());
   m.def("focal_context_fwd_plan_cuda", &focalnet::focal_context_fwd_plan_cuda, py::arg("args"));
+  m.def("focal_context_bwd_plan_cuda", &focalnet::focal_context_bwd_plan_cuda, py::arg("args"));
 #endif
 }

@@ -67,6 +67,9 @@ void focal_context_fwd_cuda(const FocalContextArgs& a);
 void focal_context_bwd_cuda(const FocalContextArgs& a);
 // The forward's main kernel for these arguments: "mma TH x TW" (tensor cores) or "fma" (fc_fused_kernel).
 std::string focal_context_fwd_plan_cuda(const FocalContextArgs& a);
+// The backward's plan: "recompute TH x TW[, ...]; level l: k TH x TW slots N; ..." (levels l = 0 .. L-1),
+// what the cost model's port (focalnet_kernels.cost_model.cuda_plan_bwd) is checked against.
+std::string focal_context_bwd_plan_cuda(const FocalContextArgs& a);
 #endif
 
 }  // namespace focalnet

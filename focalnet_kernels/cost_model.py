@@ -19,9 +19,9 @@ configuration's prediction is the sum over its launches.  The floor beside it is
 taps x elements at the fp32 FMA rate, and the minimal HBM bytes (read ctx and gates, write out;
 backward: + grad_out in, grad_ctx and grad_gates out) at the HBM rate, whichever is larger.
 
-The CUDA backend's forward is modelled the same way from an ``nvcc -cubin -lineinfo`` build of
-csrc/cuda with a Python port of its planner; its backward is not modelled yet (rows with
-``predicted_ms: None`` and an ``error``).
+The CUDA backend is modelled the same way from an ``nvcc -cubin -lineinfo`` build of csrc/cuda with
+Python ports of its planners (forward: ``cuda_plan_fwd``, ``cuda_plan_mma``; backward: ``cuda_plan_bwd``).
+``--tail`` models the Triton modulation tail instead (focalnet_kernels/triton/modulation_tail.py).
 
 Entry points: ``predict(backend, direction, shape, kernel_sizes, dtype) -> dict``,
 ``predict_rows(...) -> list[dict]`` and ``main(argv)``.
@@ -189,12 +189,17 @@ class Loop:
     source: Optional[tuple] = None  # (file, for-line) of the mapped source loop
     trips: float = 1.0
     how: str = ""
+    addrs: frozenset = frozenset()  # addresses of the loop's instructions (not always contiguous)
+
+    def has(self, addr: int) -> bool:
+        return addr in self.addrs if self.addrs else self.start <= addr <= self.end
 
 
 _LINE_RE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
 _LABEL_RE = re.compile(r"^\s*(\.L_x_\d+):")
 _INS_RE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_BRA_RE = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+`?\(?(\.L_x_\d+)")
+# BRA [.DIV|.U|...] [condition operand: `UR7, ` (BRA.DIV) or `P2, ` / `!P2, `,] `(.L_x_N)
+_BRA_RE = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+(?:!?U?[PR][0-9T]*,\s*)?`?\(?(\.L_x_\d+)")
 
 
 def parse_sass(text: str, kernel: Optional[str] = None) -> List[Instr]:
@@ -240,22 +245,119 @@ def parse_sass(text: str, kernel: Optional[str] = None) -> List[Instr]:
     return [i for i in out if i.op != "NOP"]
 
 
+_TARGET_RE = re.compile(r"->\s*(0x[0-9a-f]+)")
+_NO_FALLTHROUGH = {"EXIT", "RET", "BRA", "JMP", "BRX", "KILL"}
+
+
+def _cfg(instrs: Sequence[Instr]):
+    """Basic blocks of the SASS (leaders: the first instruction, branch targets, what follows a
+    branch or exit) and their successors: (block start indices, [successor block ids])."""
+    index = {x.addr: i for i, x in enumerate(instrs)}
+    leaders = {0}
+    for i, x in enumerate(instrs):
+        m = _TARGET_RE.search(x.text) if x.op in ("BRA", "JMP") else None
+        if m and int(m.group(1), 16) in index:
+            leaders.add(index[int(m.group(1), 16)])
+        if x.op in _NO_FALLTHROUGH or m:
+            leaders.add(i + 1)
+    starts = sorted(b for b in leaders if b < len(instrs))
+    block_of = {}
+    for bi, st in enumerate(starts):
+        end = starts[bi + 1] if bi + 1 < len(starts) else len(instrs)
+        for i in range(st, end):
+            block_of[i] = bi
+    succ = [[] for _ in starts]
+    for bi, st in enumerate(starts):
+        last = (starts[bi + 1] if bi + 1 < len(starts) else len(instrs)) - 1
+        x = instrs[last]
+        # conditional: a guard predicate, or a condition operand (BRA.DIV URx, BRA Px, ...)
+        predicated = x.text.lstrip().startswith("@") or re.search(r"\bBRA(?:\.[A-Z.]+)?\s+!?U?[PR][0-9T]*,", x.text)
+        m = _TARGET_RE.search(x.text) if x.op in ("BRA", "JMP") else None
+        # BRA.DIV: to the out-of-line path of a warp-synchronous op when the warp has diverged; the
+        # kernels reconverge before their shuffles, so it is treated as never taken (that code is
+        # then unreachable here: outside every loop, counted once per block)
+        if m and int(m.group(1), 16) in index and not re.search(r"\bBRA\.DIV\b", x.text):
+            succ[bi].append(block_of[index[int(m.group(1), 16)]])
+        if (x.op not in _NO_FALLTHROUGH or predicated) and last + 1 < len(instrs):
+            succ[bi].append(bi + 1)
+    return starts, succ
+
+
+def _dominators(n, succ):
+    preds = [[] for _ in range(n)]
+    for u in range(n):
+        for v in succ[u]:
+            preds[v].append(u)
+    order, seen, stack = [], {0}, [(0, iter(succ[0]))]
+    while stack:                       # reverse post-order from the entry
+        u, it = stack[-1]
+        nxt = next((v for v in it if v not in seen), None)
+        if nxt is None:
+            order.append(u)
+            stack.pop()
+        else:
+            seen.add(nxt)
+            stack.append((nxt, iter(succ[nxt])))
+    rpo = order[::-1]
+    dom = {u: None for u in rpo}
+    dom[0] = {0}
+    changed = True
+    while changed:
+        changed = False
+        for u in rpo[1:]:
+            ps = [dom[p] for p in preds[u] if dom.get(p) is not None]
+            new = set.intersection(*ps) | {u} if ps else {u}
+            if new != dom[u]:
+                dom[u], changed = new, True
+    return dom, preds
+
+
 def find_loops(instrs: Sequence[Instr]) -> List[Loop]:
-    """Natural loops as [target, branch] address ranges of backward branches, nested by
-    containment (several back edges to one header: the outermost range).  A branch to itself (the
-    trap after EXIT) is not a loop."""
-    heads: Dict[int, int] = {}
-    for ins in instrs:
-        if ins.op == "BRA" and "->" in ins.text:
-            tgt = int(ins.text.rsplit("->", 1)[1], 16)
-            if tgt < ins.addr:
-                heads[tgt] = max(heads.get(tgt, 0), ins.addr)
-    loops = [Loop(s, e) for s, e in sorted(heads.items())]
+    """Natural loops of the SASS control-flow graph: for every back edge u -> h (h dominates u) the
+    blocks that reach u without passing h, merged per header, nested by inclusion. A loop's
+    instructions need not be contiguous (the compiler places parts of a loop body after its back
+    branch, e.g. the divergent paths of shuffles). A branch to itself (the trap after EXIT) is no
+    loop. (nvcc emits reducible control flow; an irreducible cycle would not be counted.)"""
+    if not instrs:
+        return []
+    starts, succ = _cfg(instrs)
+    n = len(starts)
+    dom, preds = _dominators(n, succ)
+    bodies: Dict[int, set] = {}
+
+    def block_addrs(b):
+        end = starts[b + 1] if b + 1 < n else len(instrs)
+        return {instrs[i].addr for i in range(starts[b], end)}
+
+    for u in range(n):
+        for h in succ[u]:
+            if instrs[starts[h]].addr > instrs[starts[u]].addr and h != u:
+                continue
+            if dom.get(u) is None:          # unreachable code
+                continue
+            # a back edge is one to a dominator; other retreating branches are joins (e.g. from the
+            # out-of-line divergent paths of shuffles placed after the loop, back into it)
+            if h in dom[u]:
+                body, work = {h, u}, ([u] if u != h else [])
+                while work:
+                    x = work.pop()
+                    for p in preds[x]:
+                        if p not in body and dom.get(p) is not None:
+                            body.add(p)
+                            work.append(p)
+                if body == {h} and u == h and len(block_addrs(h)) == 1:
+                    continue                # BRA to itself
+                bodies.setdefault(h, set()).update(body)
+    loops = []
+    for h, body in sorted(bodies.items()):
+        addrs = set().union(*(block_addrs(b) for b in body))
+        loops.append(Loop(min(addrs), max(addrs), addrs=frozenset(addrs)))
+    loops.sort(key=lambda lp: (lp.start, -len(lp.addrs)))
     for i, lp in enumerate(loops):
         best = None
         for j, o in enumerate(loops):
-            if j != i and o.start <= lp.start and lp.end <= o.end and (o.start, o.end) != (lp.start, lp.end):
-                if best is None or (o.end - o.start) < (loops[best].end - loops[best].start):
+            if j != i and lp.addrs < o.addrs:
+                if best is None or len(o.addrs) < len(loops[best].addrs):
                     best = j
         lp.parent = best
         if best is not None:
@@ -265,8 +367,8 @@ def find_loops(instrs: Sequence[Instr]) -> List[Loop]:
 
 def _own(instrs, loops, idx):
     lp = loops[idx]
-    inner = [(loops[c].start, loops[c].end) for c in lp.children]
-    return [x for x in instrs if lp.start <= x.addr <= lp.end and not any(s <= x.addr <= e for s, e in inner)]
+    inner = [loops[c].addrs for c in lp.children]
+    return [x for x in instrs if x.addr in lp.addrs and not any(x.addr in a for a in inner)]
 
 
 def multiplicities(instrs, loops) -> Dict[int, float]:
@@ -276,7 +378,7 @@ def multiplicities(instrs, loops) -> Dict[int, float]:
     for ins in instrs:
         m = 1.0
         for lp in loops:
-            if lp.start <= ins.addr <= lp.end:
+            if lp.has(ins.addr):
                 m *= lp.trips
         mult[ins.addr] = m
     return mult
@@ -521,7 +623,7 @@ def map_loops(instrs, loops, src: SourceIndex, kernel: str, values: dict, file_s
         if len(idxs) < 2:
             continue
         node = fors[key]
-        work = [sum(1 for x in instrs if loops[i].start <= x.addr <= loops[i].end and x.cls in _WORK)
+        work = [sum(1 for x in instrs if loops[i].has(x.addr) and x.cls in _WORK)
                 for i in idxs]
         w1 = max(1, min(work))
         peeled = 0
@@ -550,7 +652,7 @@ def count(instrs, loops) -> dict:
     res["item_l2"] = collections.Counter()
     res["prologue_l2"] = collections.Counter()
     for ins in instrs:
-        where = "item" if (wl is None or wl.start <= ins.addr <= wl.end) else "prologue"
+        where = "item" if (wl is None or wl.has(ins.addr)) else "prologue"
         m = mult[ins.addr]
         if ins.cls in ("ldg", "stg", "atom", "ldl_stl"):
             res[where + "_l2"][ins.cls] += _l2_mult(ins, loops, m) * ins.width * 32
@@ -799,7 +901,7 @@ def _l2_mult(ins, loops, m):
     to hit L1 except for a halo factor of 1.5 (a rough model: docs/cost-model.md, limits)."""
     if ins.cls != "ldg":
         return m
-    enc = sorted((lp for lp in loops if lp.start <= ins.addr <= lp.end), key=lambda lp: lp.end - lp.start)
+    enc = sorted((lp for lp in loops if lp.has(ins.addr)), key=lambda lp: len(lp.addrs) or lp.end - lp.start)
     reuse = 1.0
     for lp in enc[:2]:
         if 1 < lp.trips <= 15:
@@ -1061,6 +1163,7 @@ _CB, _NT, _NWARP, _GPW, _NGRP, _KMAX_ALL = 8, 256, 8, 4, 32, 15
 _SMEM_BUDGET = 96 * 1024
 _TILE_SIDES = (1, 2, 4, 7, 8, 12, 14, 16, 24, 28, 32)
 _COST_PER_TILE, _COST_STAGE_BYTE, _COST_GENERIC, _COST_BOUNDARY_FWD = 2000.0, 2.0, 1.3, 176.0
+_COST_BOUNDARY_RECOMPUTE = 50.0
 _FUSED_SPECS = ((1, (3,)), (1, (5,)), (1, (7,)), (1, (9,)), (1, (11,)), (1, (13,)), (1, (15,)), (2, (3, 5)),
                 (2, (5, 7)), (2, (9, 11)), (3, (3, 5, 7)), (3, (5, 7, 9)), (4, (3, 5, 7, 9)))
 
@@ -1087,9 +1190,9 @@ def _seg_level_cost(g, j, V):
                    + _COST_ITEM / V)
 
 
-def _fused_geom(ks, H, W, th, tw, budget=None):
+def _fused_geom(ks, H, W, th, tw, budget=None, fwd=True):
     """fused_geom() of the planner: the segment's tile geometry, strip lengths (vmask) and shared
-    memory (forward)."""
+    memory (fwd=False: the backward's recompute, without the gate table)."""
     budget = _SMEM_BUDGET if budget is None else budget
     nl = len(ks)
     kfix = (nl, tuple(ks)) in _FUSED_SPECS
@@ -1125,14 +1228,16 @@ def _fused_geom(ks, H, W, th, tw, budget=None):
     offA, offB = 0, sizeA
     off = sizeA + sizeB + sum(k * k * _CB for k in ks)
     offG = off
-    off += -(-(nl * TH * accP) // 4) * 4
+    if fwd:
+        off += -(-(nl * TH * accP) // 4) * 4
     off += _NT
     twp = _tile_wp(TW)
     rows_max = _PSLOTS * (32 // twp)
     for j in range(1, nl + 1):
         start = offB if j & 1 else offA
         off = max(off, start + ((rows_max + R[j]) * pitch[j] + twp + R[j]) * _CB)
-    off = max(off, offG + nl * TH * accP + rows_max * accP + twp)
+    if fwd:
+        off = max(off, offG + nl * TH * accP + rows_max * accP + twp)
     g.update({"smem": off * 4, "ntiles": _cdiv(H, TH) * _cdiv(W, TW), "vmask": vmask, "V": V, "pitch": pitch})
     return g if g["smem"] <= budget else None
 
@@ -1147,9 +1252,10 @@ def _fused_cost(g, H, W):
     return per_tile * g["ntiles"] / (H * W)
 
 
-def cuda_plan_fwd(shape, ks):
+def cuda_plan_fwd(shape, ks, fwd=True):
     """make_segments() + plan_segment_tile() of the planner: [(segment geometry, cost)], the
-    partition of the levels with the lowest modelled cost (first found on ties, as in C++)."""
+    partition of the levels with the lowest modelled cost (first found on ties, as in C++).
+    fwd=False: the backward's recompute of x_1 .. x_{L-1} (ks = the first L-1 kernel sizes)."""
     B, H, W, C = shape
     n = len(ks)
     best, best_cost = None, 0.0
@@ -1163,7 +1269,7 @@ def cuda_plan_fwd(shape, ks):
             tb, tc = None, 0.0
             for th in _TILE_SIDES:
                 for tw in _TILE_SIDES:
-                    g = _fused_geom(seg_ks, H, W, th, tw)
+                    g = _fused_geom(seg_ks, H, W, th, tw, fwd=fwd)
                     if g is None or B * g["ntiles"] * _cdiv(C, _CB) > 2 ** 31 - 1:
                         continue
                     c = _fused_cost(g, H, W)
@@ -1176,10 +1282,74 @@ def cuda_plan_fwd(shape, ks):
             cost += tc
             l += m
         else:
-            cost += (len(segs) - 1) * _COST_BOUNDARY_FWD
+            cost += (len(segs) - 1) * (_COST_BOUNDARY_FWD if fwd else _COST_BOUNDARY_RECOMPUTE)
             if best is None or cost < best_cost:
                 best, best_cost = segs, cost
     return best
+
+
+_PREP_POS, _TARGET_BLOCKS = 256, 2048
+
+
+def _level_geom(k, H, W, th, tw):
+    """level_geom() of the planner: the per-level backward kernel's tile and shared memory."""
+    TH, TW = min(th, H), min(tw, W)
+    p, V = k // 2, _vblock(k)
+    pX = max(TW + 4 * p, _cdiv(TW + 2 * p, V) * V + k - 1) | 1
+    pZ = max(TW + 2 * p, _cdiv(TW, V) * V + k - 1) | 1
+    accP = TW | 1
+    NP = _NGRP // k
+    sizeX = max((TH + 4 * p) * pX * _CB, NP * k * k * _CB)
+    sizeZ = (TH + 2 * p) * pZ * _CB
+    off = sizeX + sizeZ + k * k * _CB + TH * accP * _CB + -(-(TH * accP) // 4) * 4
+    g = {"k": k, "TH": TH, "TW": TW, "smem": off * 4, "ntiles": _cdiv(H, TH) * _cdiv(W, TW), "NP": NP}
+    return g if g["smem"] <= _SMEM_BUDGET else None
+
+
+def _level_cost(g, H, W):
+    """level_cost() of the planner."""
+    k, TH, TW = g["k"], g["TH"], g["TW"]
+    p, V = k // 2, _vblock(k)
+
+    def ru(a, m):
+        return _cdiv(a, m) * m
+    per_tile = _COST_PER_TILE
+    per_tile += k * k * ru(TH + 2 * p, _GPW) * ru(TW + 2 * p, V)
+    per_tile += k * k * ru(TH, _GPW) * ru(TW, V)
+    per_tile += 2.0 * k * k * TH * TW
+    per_tile += _COST_STAGE_BYTE * 4.0 * ((TH + 4 * p) * (TW + 4 * p) + (TH + 2 * p) * (TW + 2 * p))
+    return per_tile * g["ntiles"] / (H * W)
+
+
+def cuda_bwd_plan_string(plan) -> str:
+    """A plan of cuda_plan_bwd in the format of the extension's focal_context_bwd_plan_cuda."""
+    s = "recompute" + "".join(f" {g['TH']}x{g['TW']}" for g in plan["segs"])
+    for l, g in enumerate(plan["levels"]):
+        s += f"; level {l}: k{g['k']} {g['TH']}x{g['TW']} slots {g['nslots']}"
+    return s
+
+
+def cuda_plan_bwd(shape, ks):
+    """plan_bwd() of the planner: the recompute segments (levels 0 .. L-2), the per-level tiles and
+    their slot counts (persistent grid of FC_BWD_TARGET_BLOCKS blocks), the prep kernel's chunks."""
+    B, H, W, C = shape
+    L = len(ks)
+    cbl = _cdiv(C, _CB)
+    levels = []
+    for k in ks:
+        best, bc = None, 0.0
+        for th in _TILE_SIDES:
+            for tw in _TILE_SIDES:
+                g = _level_geom(k, H, W, th, tw)
+                if g is None:
+                    continue
+                c = _level_cost(g, H, W)
+                if best is None or c < bc:
+                    best, bc = g, c
+        best["nslots"] = min(B * best["ntiles"], max(1, _TARGET_BLOCKS // cbl))
+        levels.append(best)
+    return {"segs": cuda_plan_fwd(shape, list(ks[:L - 1]), fwd=False) if L >= 2 else [],
+            "levels": levels, "nchunk": _cdiv(H * W, _PREP_POS)}
 
 
 def _cpp_fors(text, unrolled=False):
@@ -1240,6 +1410,24 @@ _CUDA_TRIPS = [
     (r"g < NGRP", lambda ns: _NGRP),
     (r"t = 0; t < ntiles", lambda ns: ns["ntiles"]),
     (r"idx < n; idx \+= \(int64_t\)gridDim.x \* NT", lambda ns: ns["grid_trips"]),
+    # backward (fc_kernels.cuh): prep, finish kernels, the per-level kernel
+    (r"m = 0; m < PREP_POS / NGRP", lambda ns: _PREP_POS / _NGRP),
+    (r"t = 0; t < nchunk", lambda ns: ns["nchunk"]),
+    (r"cb = 0; cb < cblocks", lambda ns: ns["cblocks"]),
+    (r"sl = 0; sl < nslots", lambda ns: ns["nslots"]),
+    (r"t = slot; t < total; t \+= P.nslots", lambda ns: ns["lv_tiles"]),
+    (r"idx = tid; idx < KK \* CB; idx \+= NT", lambda ns: ns["kk"] * _CB / _NT),
+    (r"idx = tid; idx < zr \* zc; idx \+= NT", lambda ns: ns["zrzc"] / _NT),
+    (r"pos = tid; pos < TH \* TW; pos \+= NT", lambda ns: ns["thtw"] / _NT),
+    (r"r = pp; r < nr; r \+= NP", lambda ns: ns["wrows"]),
+    (r"s = 0; s < nc; \+\+s", lambda ns: ns["wcols"]),
+    (r"q = 0; q < NP; \+\+q", lambda ns: ns["np"]),
+]
+
+
+# FFMA per source iteration of loops the compiler unrolls into copies of different factors
+_CUDA_UNROLL_UNIT = [
+    (r"s = 0; s < nc; \+\+s", lambda ns: ns["kunit"]),   # the backward's weight-gradient row: K FFMA
 ]
 
 
@@ -1375,17 +1563,24 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
 
         def widths(i):
             return collections.Counter(x.width for x in instrs
-                                       if loops[i].start <= x.addr <= loops[i].end and x.cls == "ldg")
+                                       if loops[i].has(x.addr) and x.cls == "ldg")
 
         def work(i):
-            return sum(1 for x in instrs if loops[i].start <= x.addr <= loops[i].end and x.cls in _WORK)
+            return sum(1 for x in instrs if loops[i].has(x.addr) and x.cls in _WORK)
 
         if len({frozenset(widths(i)) for i in idxs}) == 1:
-            # the same accesses: one loop unrolled by the compiler (xu main + remainder)
+            # the same accesses: one loop unrolled by the compiler (xu main + remainder). The unroll
+            # factor of each copy: its FFMA over the FFMA of one source iteration where
+            # _CUDA_UNROLL_UNIT knows it (the remainder copy may itself be unrolled), else its work
+            # over the smallest copy's
+            unit = next((fn(ns) for pat, fn in _CUDA_UNROLL_UNIT if re.search(pat, fors[key][1])), None)
+
+            def ffma(i):
+                return sum(1 for x in _own(instrs, loops, i) if x.cls == "ffma")
             w1 = max(1, min(work(i) for i in idxs))
             rem = loops[idxs[0]].trips
             for i in sorted(idxs, key=work, reverse=True):
-                u = max(1, round(work(i) / w1))
+                u = max(1, round(ffma(i) / unit) if unit else round(work(i) / w1))
                 t = float(math.floor(rem / u)) if u > 1 else rem
                 loops[i].trips = t
                 rem -= t * u
@@ -1442,10 +1637,90 @@ def report_regs(res, name):
     return report._parse_res(res, name).get("REG", 0)
 
 
+def _fused_seg_launch(cub, tname, g, B, C):
+    """One launch of fc_fused_kernel for a planned segment g (forward, or the backward's recompute)."""
+    seg_ks = g["ks"]
+    nl = len(seg_ks)
+    spec = (nl, tuple(seg_ks)) in _FUSED_SPECS
+    targs = "".join(f"Li{v}E" for v in ([nl] + seg_ks + [0] * (4 - nl))) if spec else "Li0ELi0ELi0ELi0ELi0E"
+    name = _cuda_fn_name(cub["sass"], "fc_fused_kernel" + tname + targs)
+    nitems, levels = [], []
+    for j, k in enumerate(seg_ks):
+        orows, ocols = g["TH"] + 2 * g["R"][j + 1], g["TW"] + 2 * g["R"][j + 1]
+        n8, n4 = (_cdiv(orows, _GPW) * _cdiv(ocols, V) for V in (_FV, _FV_SHORT))
+        levels.append((n8, n4, g["V"][j]))
+        nitems.append(n4 if g["V"][j] == _FV_SHORT else n8)
+    rows0, cols0 = g["TH"] + 2 * g["R"][0], g["TW"] + 2 * g["R"][0]
+    blocks = B * g["ntiles"] * _cdiv(C, _CB)
+    ns = {"nl": nl, "kk_mean": sum(k * k for k in seg_ks) / nl, "tpos": g["TH"] * g["TW"],
+          "stage_n": rows0 * cols0, "nitems": nitems, "ntiles": g["ntiles"], "grid_trips": 1.0,
+          "levels": levels if spec else None,
+          "config": f"{g['TH']}x{g['TW']} tile, segment k={','.join(map(str, seg_ks))}"}
+    return name, blocks, ns
+
+
+def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
+    """The backward's launches (run_bwd): recompute x_1 .. x_{L-1}, prep + dpool, the per-level kernels
+    l = L-1 .. 0, the gate and weight-gradient reductions."""
+    B, H, W, C = shape
+    L = len(ks)
+    es = _ESIZE[dtype]
+    npix = B * H * W
+    cbl = _cdiv(C, _CB)
+    gate = _gate_bytes_per_pixel(L, es)
+    plan = cuda_plan_bwd(shape, ks)
+    times = []
+    for g in plan["segs"]:
+        src_es = es if g["l0"] == 0 else 4
+        name, blocks, ns = _fused_seg_launch(cub, tname, g, B, C)
+        hbm = npix * (C * src_es + len(g["ks"]) * C * 4)
+        times.append(_cuda_launch_time(cub, name, _NWARP, g["smem"], blocks, ns, hbm,
+                                       16 if (vec or g["l0"] > 0) else src_es))
+    nch = plan["nchunk"]
+    blocks = B * nch * cbl
+    times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_bwd_prep_kernel" + tname), _NWARP, _NT * 4,
+                                   blocks, {"grid_trips": 1.0, "config": f"{nch} chunks of {_PREP_POS}"},
+                                   npix * (C * es + gate + cbl * 32) + B * nch * C * 4, 16 if vec else es))
+    n = B * C
+    grid = min(_cdiv(n, _NT), 1 << 20)
+    times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_dpool_finish_kernel"), _NWARP, 0, grid,
+                                   {"nchunk": nch, "grid_trips": n / (grid * _NT), "config": "grid_1d(B*C)"},
+                                   B * nch * C * 4 + 3 * B * C * 4))
+    for l in range(L - 1, -1, -1):
+        g = plan["levels"][l]
+        k, TH, TW = g["k"], g["TH"], g["TW"]
+        p, V = k // 2, _vblock(k)
+        name = _cuda_fn_name(cub["sass"], "fc_bwd_level_kernel" + tname + f"Li{k}E")
+        blocks = g["nslots"] * cbl
+        ns = {"lv_tiles": B * g["ntiles"] / g["nslots"], "kk": k * k, "stage_n": (TH + 4 * p) * (TW + 4 * p),
+              "zrzc": (TH + 2 * p) * (TW + 2 * p), "thtw": TH * TW,
+              "nitems": [_cdiv(TH + 2 * p, _GPW) * _cdiv(TW + 2 * p, V), _cdiv(TH, _GPW) * _cdiv(TW, V)],
+              "wrows": TH / g["NP"], "wcols": TW, "kunit": k, "np": g["NP"], "grid_trips": 1.0,
+              "config": f"level {l} k={k}: {TH}x{TW} tile, {g['nslots']} slots"}
+        x_es = es if l == 0 else 4
+        dx_in = C * es + gate if l == L - 1 else C * 4
+        dx_out = C * es if l == 0 else C * 4
+        hbm = npix * (C * x_es + dx_in + C * es + gate + dx_out + cbl * 32) + g["nslots"] * k * k * C * 4
+        times.append(_cuda_launch_time(cub, name, _NWARP, g["smem"], blocks, ns, hbm,
+                                       16 if (l > 0 or vec) else es))
+    ng = npix * (L + 1)
+    grid = min(_cdiv(ng, _NT), 1 << 20)
+    times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_gates_finish_kernel" + tname), _NWARP, 0,
+                                   grid, {"cblocks": cbl, "grid_trips": ng / (grid * _NT),
+                                          "config": "grid_1d(B*H*W*(L+1))"},
+                                   ng * (cbl * 4 + es)))
+    for l in range(L):
+        g = plan["levels"][l]
+        n = g["k"] ** 2 * C
+        grid = min(_cdiv(n, _NT), 1 << 20)
+        times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_gw_finish_kernel"), _NWARP, 0, grid,
+                                       {"nslots": g["nslots"], "grid_trips": n / (grid * _NT),
+                                        "config": f"level {l}: grid_1d(k*k*C)"},
+                                       g["nslots"] * n * 4 + n * 4))
+    return times
+
+
 def _cuda_predict(direction, shape, ks, dtype):
-    if direction != "fwd":
-        raise NotImplementedError("CUDA backend: the backward is not modelled yet, only the forward "
-                                  "(docs/cost-model.md, limits)")
     B, H, W, C = shape
     L = len(ks)
     es = _ESIZE[dtype]
@@ -1470,23 +1745,7 @@ def _cuda_predict(direction, shape, ks, dtype):
         hbm = npix * (C * es + _gate_bytes_per_pixel(L, es) + C * es) + B * mp["ntiles"] * C * 4
         times.append(_cuda_launch_time(cub, name, _NWARP, mp["smem"], blocks, ns, hbm, 16 if vec else 8))
     for g in segs:
-        seg_ks = g["ks"]
-        nl = len(seg_ks)
-        spec = (nl, tuple(seg_ks)) in _FUSED_SPECS
-        targs = "".join(f"Li{v}E" for v in ([nl] + seg_ks + [0] * (4 - nl))) if spec else "Li0ELi0ELi0ELi0ELi0E"
-        name = _cuda_fn_name(cub["sass"], "fc_fused_kernel" + tname + targs)
-        nitems, levels = [], []
-        for j, k in enumerate(seg_ks):
-            orows, ocols = g["TH"] + 2 * g["R"][j + 1], g["TW"] + 2 * g["R"][j + 1]
-            n8, n4 = (_cdiv(orows, _GPW) * _cdiv(ocols, V) for V in (_FV, _FV_SHORT))
-            levels.append((n8, n4, g["V"][j]))
-            nitems.append(n4 if g["V"][j] == _FV_SHORT else n8)
-        rows0, cols0 = g["TH"] + 2 * g["R"][0], g["TW"] + 2 * g["R"][0]
-        blocks = B * g["ntiles"] * cbl
-        ns = {"nl": nl, "kk_mean": sum(k * k for k in seg_ks) / nl, "tpos": g["TH"] * g["TW"],
-              "stage_n": rows0 * cols0, "nitems": nitems, "ntiles": g["ntiles"], "grid_trips": 1.0,
-              "levels": levels if spec else None,
-              "config": f"{g['TH']}x{g['TW']} tile, segment k={','.join(map(str, seg_ks))}"}
+        name, blocks, ns = _fused_seg_launch(cub, tname, g, B, C)
         src_es = es if g["l0"] == 0 else 4
         hbm = npix * (C * src_es + _gate_bytes_per_pixel(L, es) + C * es) + B * g["ntiles"] * C * 4
         width = 16 if (vec or g["l0"] > 0) else src_es
@@ -1513,6 +1772,10 @@ def _cuda_predict(direction, shape, ks, dtype):
                                    16 if out_vec else es))
     main_l = times[0]
     config = "; ".join(t["config"] for t in times[:1 if mp is not None else len(segs)])
+    if direction != "fwd":
+        bwd = _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec)
+        times += bwd
+        config += "; bwd " + ", ".join(t["config"] for t in bwd if t["config"].startswith("level"))
     return times, config, main_l, [], []
 
 

@@ -161,6 +161,14 @@ def cuda_fwd_plan(ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torc
     return str(mod.focal_context_fwd_plan_cuda(_base_args(mod, ctx, gates, _weights_f32(weights), normalize)))
 
 
+def cuda_bwd_plan(ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor], normalize: bool) -> str:
+    """The CUDA backward's plan for these inputs: recompute tiles and, per level, kernel size, tile and
+    slots (what focalnet_kernels.cost_model.cuda_plan_bwd mirrors)."""
+    _check(ctx, gates, weights)
+    mod = _require_ext("cuda")
+    return str(mod.focal_context_bwd_plan_cuda(_base_args(mod, ctx, gates, _weights_f32(weights), normalize)))
+
+
 def focal_context_fwd_native(
     ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor], normalize: bool,
     global_term: bool = True,

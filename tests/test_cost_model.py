@@ -222,12 +222,62 @@ def test_auto_comes_from_ops():
     assert cm.auto_backend((3, 5, 7), "bfloat16") in ("triton", "cuda")
 
 
-def test_cuda_backward_rows_say_they_are_not_modelled():
-    # (the CUDA forward is modelled from an nvcc -lineinfo build, minutes: not compiled here)
-    rows = cm.predict_rows(stages=(4,), ksets=("SRF",), dtypes=("float32",), directions=("fwd+bwd",),
-                           backends=("cuda",))
-    assert len(rows) == 1 and rows[0]["predicted_ms"] is None and "not modelled" in rows[0]["error"]
-    assert ROW_KEYS <= set(rows[0]) and rows[0]["floor_ms"] > 0
+# A loop whose body is not contiguous: a cold block after the back branch, entered from the loop and
+# branching back into it, and a shuffle's divergent path (BRA.DIV) placed after EXIT.
+SPLIT_LOOP = """
+.text.k:
+        /*0000*/                   S2R R0, SR_TID.X ;
+.L_x_0:
+        /*0010*/                   FFMA R9, R4, R5, R9 ;
+        /*0020*/               @P1 BRA `(.L_x_2) ;
+.L_x_1:
+        /*0030*/                   BRA.DIV UR4, `(.L_x_3) ;
+        /*0040*/                   SHFL.BFLY PT, R2, R9, 0x1, 0x1f ;
+.L_x_4:
+        /*0050*/                   ISETP.GE.AND P0, PT, R2, 0x100, PT ;
+        /*0060*/              @!P0 BRA `(.L_x_0) ;
+        /*0070*/                   EXIT ;
+.L_x_2:
+        /*0080*/                   FFMA R10, R4, R5, R10 ;
+        /*0090*/                   FFMA R11, R4, R5, R11 ;
+        /*00a0*/                   BRA `(.L_x_1) ;
+.L_x_3:
+        /*00b0*/                   WARPSYNC.COLLECTIVE R61, `(.L_x_5) ;
+        /*00c0*/                   SHFL.BFLY P3, R2, R9, R63, R64 ;
+.L_x_5:
+        /*00d0*/                   BRA `(.L_x_4) ;
+.L_x_6:
+        /*00e0*/                   BRA `(.L_x_6);
+\t.section\t.nv.shared
+"""
+
+
+def test_loops_are_natural_loops_of_the_control_flow_graph():
+    ins = cm.parse_sass(SPLIT_LOOP, "k")
+    loops = cm.find_loops(ins)
+    assert len(loops) == 1
+    lp = loops[0]
+    # the cold block (0x80-0xa0) is in the loop; the divergent shuffle path (0xb0-0xd0), reached only
+    # by BRA.DIV (treated as not taken), and the trap are not
+    assert sorted(lp.addrs) == [0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x80, 0x90, 0xa0]
+    lp.trips = 10
+    c = cm.count(ins, loops)["item"]
+    assert c["ffma"] == 30   # 3 FFMA in the body (1 hot + 2 cold: both sides of a branch count)
+    # BRA.DIV with its condition operand resolves its target; the plain branch back into the loop too
+    assert ins[2].text.endswith("-> 0x80") and "-> 0xb0" in ins[3].text
+
+
+def test_cuda_backward_planner_port():
+    """cuda_plan_bwd (the port of plan_bwd): per-level tiles within the shared-memory budget, the
+    persistent grid of FC_BWD_TARGET_BLOCKS blocks, recompute of the first L-1 levels. (Checked
+    against the C++ planner by tests/test_cuda_backend.py, which runs in the emulator and on GPUs.)"""
+    plan = cm.cuda_plan_bwd((256, 56, 56, 96), (3, 5, 7))
+    assert [g["k"] for g in plan["levels"]] == [3, 5, 7]
+    assert all(g["smem"] <= 96 * 1024 and g["nslots"] == 2048 // 12 for g in plan["levels"])
+    assert [s["ks"] for s in plan["segs"]] == [[3, 5]] and plan["nchunk"] == 13
+    assert cm.cuda_plan_bwd((2, 7, 7, 768), (3,))["segs"] == []
+    s = cm.cuda_bwd_plan_string(plan)
+    assert s.startswith("recompute ") and s.count("; level ") == 3
 
 
 def test_cuda_planner_port_picks_one_segment_for_lrf():

@@ -201,6 +201,22 @@ def test_tensor_core_switch_rejects_other_values(monkeypatch):
             nat.focal_context_fwd_native(ctx, gates, weights, True)
 
 
+def test_backward_plan_matches_the_cost_model_port():
+    # focalnet_kernels.cost_model.cuda_plan_bwd mirrors plan_bwd (recompute segments, per-level tiles, slots)
+    from focalnet_kernels import cost_model as cm
+    nat = _native()
+    for ks in ([3, 5], [3, 5, 7], [3]):
+        for shape in cm.STAGES.values():
+            _, H, W, C = shape
+            for B in (1, 256):
+                ctx, gates, weights = make_inputs(1, H, W, C, ks, torch.bfloat16, seed=0)
+                plan = cm.cuda_plan_bwd((B, H, W, C), ks)
+                if B != 1:   # the slots depend on B: the planner sees B from ctx's shape
+                    ctx = ctx.expand(B, -1, -1, -1)
+                    gates = gates.expand(B, -1, -1, -1)
+                assert nat.cuda_bwd_plan(ctx, gates, weights, False) == cm.cuda_bwd_plan_string(plan), (shape, ks, B)
+
+
 def test_tensor_core_plan_matches_the_cost_model_port():
     # focalnet_kernels.cost_model.cuda_plan_mma mirrors plan_mma (its budget: an H100's 113 KB)
     from focalnet_kernels import cost_model as cm

@@ -1020,6 +1020,19 @@ std::string focal_context_fwd_plan_cuda(const FocalContextArgs& a) {
   return "fma";
 }
 
+std::string focal_context_bwd_plan_cuda(const FocalContextArgs& a) {
+  validate_shape(a);
+  const BwdPlan pl = plan_bwd(a);
+  std::string s = "recompute";
+  for (const Segment& g : pl.segs) s += " " + std::to_string(g.TH) + "x" + std::to_string(g.TW);
+  for (int l = 0; l < a.L; ++l) {
+    const LevelPlan& g = pl.lv[l];
+    s += "; level " + std::to_string(l) + ": k" + std::to_string(g.k) + " " + std::to_string(g.TH) + "x" +
+         std::to_string(g.TW) + " slots " + std::to_string(g.nslots);
+  }
+  return s;
+}
+
 void focal_context_fwd_cuda(const FocalContextArgs& a) {
   validate_shape(a);
   require(a.ctx, "ctx");

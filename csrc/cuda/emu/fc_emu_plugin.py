@@ -18,6 +18,7 @@ class _Proxy:
     focal_context_bwd_cpu = staticmethod(_EMU.focal_context_bwd_cuda)
     focal_context_cpu_isa = staticmethod(_EMU.focal_context_cpu_isa)   # the emulated module's stub: "base"
     focal_context_fwd_plan_cuda = staticmethod(_EMU.focal_context_fwd_plan_cuda)
+    focal_context_bwd_plan_cuda = staticmethod(_EMU.focal_context_bwd_plan_cuda)
 
 
 def pytest_configure(config):
