@@ -1678,7 +1678,7 @@ def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
                                        16 if (vec or g["l0"] > 0) else src_es))
     nch = plan["nchunk"]
     blocks = B * nch * cbl
-    times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_bwd_prep_kernel" + tname), _NWARP, _NT * 4,
+    times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_bwd_prep_kernel" + tname + "Lb0E"), _NWARP, _NT * 4,
                                    blocks, {"grid_trips": 1.0, "config": f"{nch} chunks of {_PREP_POS}"},
                                    npix * (C * es + gate + cbl * 32) + B * nch * C * 4, 16 if vec else es))
     n = B * C

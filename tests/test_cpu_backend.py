@@ -470,3 +470,11 @@ def test_empty_and_validation():
     assert rel_err(out, ref) < 1e-5
     with pytest.raises(ValueError):
         native.focal_context_fwd_native(x, g, [torch.randn(8, 4, 4)], False)
+
+
+def test_forward_without_global_term_is_refused():
+    """global_term=False (the inference op's fold of the global term into the h GEMM) is a Triton/CUDA
+    option: the CPU kernel says so instead of returning a sum with the term in it."""
+    ctx, gates, weights = make_contract_inputs(1, 5, 6, 8, [3, 5])
+    with pytest.raises(ValueError, match="global_term=false is not supported by the CPU kernel"):
+        native.focal_context_fwd_native(ctx, gates, weights, False, global_term=False)

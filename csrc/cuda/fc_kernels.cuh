@@ -8,6 +8,8 @@
 // Every reduction is two-stage with a fixed order (no atomics): results are bit-reproducible.
 #pragma once
 
+#include <type_traits>
+
 #include "fc_device.cuh"
 
 namespace focalnet {
@@ -485,7 +487,9 @@ struct PrepParams {
   float* dp_part;
 };
 
-template <typename T>
+// WIDE: positions need 64-bit arithmetic (H * W + PREP_POS >= 2^31); else 32-bit position math (a 64-bit
+// division per position cost more than the rest of the loop body).
+template <typename T, bool WIDE>
 __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
   FC_DYN_SMEM(red);  // NT floats
   const int tid = threadIdx.x;
@@ -503,13 +507,15 @@ __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
   const T* gates = static_cast<const T*>(P.gates);
   const float G = (c < nvalid) ? gelu_f(P.pooled[b * P.C + c0 + c]) : 0.f;
   float dsum = 0.f;
+  using Pos = typename std::conditional<WIDE, int64_t, int>::type;
+  const Pos Wp = (Pos)P.W, HWp = (Pos)HW;
 #pragma unroll 1
   for (int m = 0; m < PREP_POS / NGRP; ++m) {
-    const int64_t q = chunk * PREP_POS + m * NGRP + grp;
-    const bool valid = q < HW;
+    const Pos q = (Pos)(chunk * PREP_POS) + m * NGRP + grp;
+    const bool valid = q < HWp;
     float d = 0.f, gl = 0.f;
     if (valid) {
-      const int64_t h = q / P.W, w = q - h * P.W;
+      const Pos h = q / Wp, w = q - h * Wp;
       if (c < nvalid) d = to_f<T>(dout[b * P.ds[0] + h * P.ds[1] + w * P.ds[2] + (c0 + c) * P.ds[3]]);
       gl = to_f<T>(gates[b * P.gs[0] + h * P.gs[1] + w * P.gs[2] + (int64_t)P.L * P.gs[3]]);
     }
@@ -733,8 +739,10 @@ __global__ void __launch_bounds__(NT, 2) fc_bwd_level_kernel(const LevelBwdParam
           if (valid) {
             float* zp = Zs + (r * P.pZ + s) * CB + c;
             const float z = a[v];
-            *zp = in ? (*zp) * gelu_grad_f(z) : 0.f;
-            if (interior) prod = Ds[(ti * accP + tj) * CB + c] * gelu_f(z);
+            float gz, gpz;
+            gelu_and_grad_f(z, gz, gpz);
+            *zp = in ? (*zp) * gpz : 0.f;
+            if (interior) prod = Ds[(ti * accP + tj) * CB + c] * gz;
           }
           prod += __shfl_xor_sync(0xffffffffu, prod, 4);
           prod += __shfl_xor_sync(0xffffffffu, prod, 2);

@@ -927,7 +927,9 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
     const int64_t nblk = B * pl.nchunk * cblocks;
     if (nblk > std::numeric_limits<int32_t>::max())
       throw std::runtime_error("focal_context_cuda: fc_bwd_prep_kernel: grid too large");
-    FC_LAUNCH(fc_bwd_prep_kernel<T>, (unsigned)nblk, NT, NT * sizeof(float), st, Q);
+    void (*prep)(const PrepParams) =
+        H * W + PREP_POS < (int64_t(1) << 31) ? fc_bwd_prep_kernel<T, false> : fc_bwd_prep_kernel<T, true>;
+    FC_LAUNCH(prep, (unsigned)nblk, NT, NT * sizeof(float), st, Q);
     check_launch(std::string("fc_bwd_prep_kernel<") + dtype_name<T>() + ">");
     FC_LAUNCH(fc_dpool_finish_kernel, grid_1d(B * C), NT, 0, st, dp_part, pl.nchunk, B, C,
               reinterpret_cast<const float*>(a.pooled), scale, 1.0 / (double)(H * W), dpool);
