@@ -3,7 +3,9 @@
 The library knows nothing of the model: functional entry points `focal_context` (the focal-context
 stage) and `linear` (a linear layer with an optional GELU epilogue), each with its `*_ref` beside it;
 and, built from them, training-memory-lean compositions that recompute cheap intermediates in the
-backward (`mlp_gelu`, `modulation_tail`, `focal_modulation`: focalnet_kernels/recompute.py).
+backward (`mlp_gelu`, `modulation_tail`, `focal_modulation`: focalnet_kernels/recompute.py). On CUDA
+tensors the modulation tail `q * h(ctx_all)` runs as one Triton GEMM with the gating epilogue, and in
+inference with the focal context's global term folded into it (focalnet_kernels/modulation.py).
 """
 from __future__ import annotations
 
