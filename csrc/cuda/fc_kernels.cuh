@@ -727,6 +727,8 @@ __global__ void __launch_bounds__(NT, 2) fc_bwd_level_kernel(const LevelBwdParam
         const int gh = h0 - p + r;
         const bool hin = r < orows && gh >= 0 && gh < H;
         const int ti = r - p;
+        // gate partials of this row: one 64-bit base per item, V stores at (L + 1) strides from it
+        float* ggrow = P.gg + ((int64_t)cb * BHW + ((int64_t)b * H + gh) * W + (w0 - p + s0)) * (L + 1) + l;
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           const int s = s0 + v;
@@ -747,8 +749,7 @@ __global__ void __launch_bounds__(NT, 2) fc_bwd_level_kernel(const LevelBwdParam
           prod += __shfl_xor_sync(0xffffffffu, prod, 4);
           prod += __shfl_xor_sync(0xffffffffu, prod, 2);
           prod += __shfl_xor_sync(0xffffffffu, prod, 1);
-          if (interior && c == 0)
-            P.gg[((int64_t)cb * BHW + (b * P.H + gh) * P.W + gw) * (L + 1) + l] = prod;
+          if (interior && c == 0) ggrow[v * (L + 1)] = prod;
         }
       }
     }
