@@ -78,18 +78,12 @@ def select_tail_backend(q: Tensor, ctx_all: Tensor, h_weight: Tensor, h_bias: Op
 # ------------------------------------------------------------------------------------------------
 # the ops
 # ------------------------------------------------------------------------------------------------
-_LIB = torch.library.Library("focalnet", "FRAGMENT")
-_LIB.define("modulation_tail_fwd(Tensor q, Tensor ctx_all, Tensor h_weight, Tensor? h_bias) -> Tensor",
-            tags=(torch.Tag.pt2_compliant_tag,))
-_LIB.define("focal_modulation_fwd(Tensor y, Tensor[] kernels, Tensor h_weight, Tensor? h_bias, bool normalize) "
-            "-> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
-
-
-def _implements(name: str):
-    def register(fn):
-        _LIB.impl(name, ops._not_traced_by_dynamo(fn), "CompositeExplicitAutograd")
-        return fn
-    return register
+# defined in the library fragment of focal_context's ops (ops._LIB), registered the same way
+ops._LIB.define("modulation_tail_fwd(Tensor q, Tensor ctx_all, Tensor h_weight, Tensor? h_bias) -> Tensor",
+                tags=(torch.Tag.pt2_compliant_tag,))
+ops._LIB.define("focal_modulation_fwd(Tensor y, Tensor[] kernels, Tensor h_weight, Tensor? h_bias, "
+                "bool normalize) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_implements = ops._implements
 
 
 def _tail_2d(q2: Tensor, x2: Tensor, h_weight: Tensor, h_bias: Optional[Tensor], **kw) -> Tensor:
@@ -109,7 +103,7 @@ def _tail_impl(q: Tensor, ctx_all: Tensor, h_weight: Tensor, h_bias: Optional[Te
     return out.view(q.shape)
 
 
-@torch.library.register_fake("focalnet::modulation_tail_fwd", lib=_LIB)
+@torch.library.register_fake("focalnet::modulation_tail_fwd", lib=ops._LIB)
 def _(q, ctx_all, h_weight, h_bias):
     return q.new_empty(q.shape)
 
@@ -139,7 +133,7 @@ def _modulation_impl(y: Tensor, kernels: List[Tensor], h_weight: Tensor, h_bias:
     return out.view(B, H, W, C)
 
 
-@torch.library.register_fake("focalnet::focal_modulation_fwd", lib=_LIB)
+@torch.library.register_fake("focalnet::focal_modulation_fwd", lib=ops._LIB)
 def _(y, kernels, h_weight, h_bias, normalize):
     C = h_weight.shape[0]
     return y.new_empty((*y.shape[:-1], C))

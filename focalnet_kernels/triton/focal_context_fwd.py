@@ -576,8 +576,13 @@ def _ctx_align(ctx):
     ctx, in elements.  Triton only learns "divisible by 16" from a launch; the production ctx is a
     slice of the f output with pixel stride 2C+L+1 (e.g. 196 for C=96, L=3: 8-byte aligned)."""
     s_b, s_h, s_w, _ = ctx.stride()
-    a = 16 // ctx.element_size()
-    while a > 1 and any(v % a for v in (s_b, s_h, s_w)):
+    return pow2_align((s_b, s_h, s_w), ctx.element_size())
+
+
+def pow2_align(strides, elem_size):
+    """Largest power of two (<= one 16-byte vector, in elements) dividing every stride."""
+    a = 16 // elem_size
+    while a > 1 and any(v % a for v in strides):
         a //= 2
     return a
 

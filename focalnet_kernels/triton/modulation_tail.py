@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .focal_context_fwd import pow2_align
+
 __all__ = ["modulation_tail_triton", "tail_blocks", "REPORT_KERNELS"]
 
 
@@ -83,10 +85,7 @@ def tail_blocks(C: int, K: int):
 
 def q_align(s_qm: int, elem_size: int) -> int:
     """Largest power of two (<= one 16-byte vector) dividing q's row stride, in elements."""
-    a = 16 // elem_size
-    while a > 1 and s_qm % a:
-        a //= 2
-    return a
+    return pow2_align((s_qm,), elem_size)
 
 
 def _precision(dtype: torch.dtype) -> str:
