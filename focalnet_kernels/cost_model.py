@@ -1537,14 +1537,13 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
     # conv item loops of the fused forward: per level one loop per strip length (FV, FV_SHORT;
     # the planner's vmask picks one at run time), in level order; the one with more FFMA per trip
     # is the FV strip. ns["levels"]: [(items with FV strips, items with FV_SHORT strips, V picked)]
+    def ffma(i):  # FFMA of a loop's own instructions (not its nested loops')
+        return sum(1 for x in _own(instrs, loops, i) if x.cls == "ffma")
+
     levels = ns.get("levels")
     if levels is not None:
         conv = [i for i in sorted(range(len(loops)), key=lambda i: loops[i].start)
                 if loops[i].source and "it = warp" in fors[loops[i].source][1]]
-
-        def ffma(i):
-            return sum(1 for x in _own(instrs, loops, i) if x.cls == "ffma")
-
         if len(conv) == 2 * len(levels):
             for j, (n8, n4, v) in enumerate(levels):
                 a, b = conv[2 * j], conv[2 * j + 1]
@@ -1574,9 +1573,6 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
             # _CUDA_UNROLL_UNIT knows it (the remainder copy may itself be unrolled), else its work
             # over the smallest copy's
             unit = next((fn(ns) for pat, fn in _CUDA_UNROLL_UNIT if re.search(pat, fors[key][1])), None)
-
-            def ffma(i):
-                return sum(1 for x in _own(instrs, loops, i) if x.cls == "ffma")
             w1 = max(1, min(work(i) for i in idxs))
             rem = loops[idxs[0]].trips
             for i in sorted(idxs, key=work, reverse=True):
