@@ -640,6 +640,14 @@ def map_loops(instrs, loops, src: SourceIndex, kernel: str, values: dict, file_s
     return loops
 
 
+def _loop_label(lp):
+    """A loop's source line and header (its `how` without the trip count), or "(no loop)"."""
+    if lp is None:
+        return "(no loop)"
+    how = getattr(lp, "how", "") or f"loop at {hex(lp.start)}"
+    return re.sub(r" = [^ ]+( \(.*\))?$", "", how)
+
+
 def count(instrs, loops) -> dict:
     """Warp-instructions by class per work item ('item') and outside the work-item loop, once per
     program ('prologue'); bytes per thread of the global/shared accesses; fp32 and MUFU thread
@@ -651,9 +659,14 @@ def count(instrs, loops) -> dict:
            "item_bytes": collections.Counter(), "prologue_bytes": collections.Counter()}
     res["item_l2"] = collections.Counter()
     res["prologue_l2"] = collections.Counter()
+    # warp-instructions per program by the innermost loop that holds them (its source line and header)
+    res["by_loop"] = collections.Counter()
     for ins in instrs:
         where = "item" if (wl is None or wl.has(ins.addr)) else "prologue"
         m = mult[ins.addr]
+        enc = [lp for lp in loops if lp.has(ins.addr)]
+        inner = min(enc, key=lambda lp: len(lp.addrs) or lp.end - lp.start) if enc else None
+        res["by_loop"][_loop_label(inner)] += m
         if ins.cls in ("ldg", "stg", "atom", "ldl_stl"):
             res[where + "_l2"][ins.cls] += _l2_mult(ins, loops, m) * ins.width * 32
         res[where][ins.cls] += m
@@ -1148,8 +1161,13 @@ def predict(backend, direction, shape, kernel_sizes, dtype, arch=90) -> dict:
         "fma_floor_ms": round(fl["fma_floor_ms"], 4), "hbm_floor_ms": round(fl["hbm_floor_ms"], 4),
         "per_elem_by_class": {k: round(v, 1) for k, v in sorted(by_class.items())},
         "candidates": cands, "bwd_choice": bwd_choice,
-        "launches": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in t.items()
-                      if k not in ("loops", "by_class")} for t in chosen],
+        "launches": [dict({k: (round(v, 4) if isinstance(v, float) else v) for k, v in t.items()
+                           if k not in ("loops", "by_class", "by_loop")},
+                          **({"instr_per_elem_by_loop": {k: round(v * 32 / elems, 1) for k, v in
+                                                         sorted(t["by_loop"].items(), key=lambda kv: -kv[1])
+                                                         if v * 32 / elems >= 0.05}}
+                             if "by_loop" in t else {}))
+                     for t in chosen],
         "prediction": "static model, not a measurement (docs/cost-model.md)",
     }
 
@@ -1288,7 +1306,7 @@ def cuda_plan_fwd(shape, ks, fwd=True):
     return best
 
 
-_PREP_POS, _TARGET_BLOCKS = 256, 2048
+_PREP_POS, _TARGET_BLOCKS = 4 * _NT, 2048
 
 
 def _level_geom(k, H, W, th, tw):
@@ -1323,15 +1341,19 @@ def _level_cost(g, H, W):
 
 def cuda_bwd_plan_string(plan) -> str:
     """A plan of cuda_plan_bwd in the format of the extension's focal_context_bwd_plan_cuda."""
-    s = "recompute" + "".join(f" {g['TH']}x{g['TW']}" for g in plan["segs"])
+    s = "recompute"
+    if plan["mma"] is not None:
+        s += f" mma {plan['mma']['TH']}x{plan['mma']['TW']} else"
+    s += "".join(f" {g['TH']}x{g['TW']}" for g in plan["segs"])
     for l, g in enumerate(plan["levels"]):
         s += f"; level {l}: k{g['k']} {g['TH']}x{g['TW']} slots {g['nslots']}"
     return s
 
 
-def cuda_plan_bwd(shape, ks):
-    """plan_bwd() of the planner: the recompute segments (levels 0 .. L-2), the per-level tiles and
-    their slot counts (persistent grid of FC_BWD_TARGET_BLOCKS blocks), the prep kernel's chunks."""
+def cuda_plan_bwd(shape, ks, dtype="float32"):
+    """plan_bwd() of the planner: the recompute (on tensor cores where the forward is: "mma", the
+    forward's plan; the FMA segments of levels 0 .. L-2 are then its fallback), the per-level tiles
+    and their slot counts (persistent grid of FC_BWD_TARGET_BLOCKS blocks), the prep kernel's chunks."""
     B, H, W, C = shape
     L = len(ks)
     cbl = _cdiv(C, _CB)
@@ -1348,7 +1370,8 @@ def cuda_plan_bwd(shape, ks):
                     best, bc = g, c
         best["nslots"] = min(B * best["ntiles"], max(1, _TARGET_BLOCKS // cbl))
         levels.append(best)
-    return {"segs": cuda_plan_fwd(shape, list(ks[:L - 1]), fwd=False) if L >= 2 else [],
+    return {"mma": cuda_plan_mma(shape, list(ks), dtype) if L >= 2 else None,
+            "segs": cuda_plan_fwd(shape, list(ks[:L - 1]), fwd=False) if L >= 2 else [],
             "levels": levels, "nchunk": _cdiv(H * W, _PREP_POS)}
 
 
@@ -1396,7 +1419,7 @@ _CUDA_TRIPS = [
     (r"fr = 0; fr < nrowL; \+\+fr", lambda ns: ns["mma_last"][0]),
     (r"fc = 0; fc < ncolL; \+\+fc", lambda ns: ns["mma_last"][1]),
     (r"r = warp; r < rows; r \+= NWARP", lambda ns: ns["mma_stage"][0] / _NWARP),
-    (r"s = lane; s < cols; s \+= 32", lambda ns: _cdiv(ns["mma_stage"][1], 32)),
+    (r"s = 2 \* lane; s < cols; s \+= 64", lambda ns: _cdiv(ns["mma_stage"][1], 64)),
     (r"ty = warp; ty < (TH|thl); ty \+= NWARP", lambda ns: ns["mma_tile"][0] / _NWARP),
     (r"tx = lane; tx < (TW|twl); tx \+= 32", lambda ns: _cdiv(ns["mma_tile"][1], 32)),
     (r"int j = 0; j < nl; \+\+j", lambda ns: ns["nl"]),
@@ -1411,7 +1434,8 @@ _CUDA_TRIPS = [
     (r"t = 0; t < ntiles", lambda ns: ns["ntiles"]),
     (r"idx < n; idx \+= \(int64_t\)gridDim.x \* NT", lambda ns: ns["grid_trips"]),
     # backward (fc_kernels.cuh): prep, finish kernels, the per-level kernel
-    (r"m = 0; m < PREP_POS / NGRP", lambda ns: _PREP_POS / _NGRP),
+    (r"m = 0; m < PREP_POS / NT", lambda ns: ns["prep_trips"]),
+    (r"g = 0; g < NWARP", lambda ns: _NWARP),
     (r"t = 0; t < nchunk", lambda ns: ns["nchunk"]),
     (r"cb = 0; cb < cblocks", lambda ns: ns["cblocks"]),
     (r"sl = 0; sl < nslots", lambda ns: ns["nslots"]),
@@ -1625,7 +1649,8 @@ def _cuda_launch_time(cub, name, warps, smem, blocks, ns, hbm, prefer_width=None
             "terms_ms": {k: v * 1e3 for k, v in terms.items()}, "regs": regs, "smem": smem, "spill": 0,
             "warps": warps, "blocks_per_sm": per_sm, "occupancy_warps": per_sm * warps, "programs": blocks,
             "items": blocks, "warp_instr": by_class.get("total", 0), "ffma_warp_instr": by_class.get("ffma", 0),
-            "by_class": by_class, "hbm_bytes": hbm, "loops": c["loops"]}
+            "by_class": by_class, "hbm_bytes": hbm, "loops": c["loops"],
+            "by_loop": {k: v * blocks * warps for k, v in c["by_loop"].items()}}
 
 
 def report_regs(res, name):
@@ -1664,18 +1689,25 @@ def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
     npix = B * H * W
     cbl = _cdiv(C, _CB)
     gate = _gate_bytes_per_pixel(L, es)
-    plan = cuda_plan_bwd(shape, ks)
+    plan = cuda_plan_bwd(shape, ks, dtype)
     times = []
+    mp = plan["mma"]
+    if mp is not None:
+        times.append(_mma_launch(cub, tname, shape, ks, mp, True, npix * (C * es + (L - 1) * C * 4), vec))
     for g in plan["segs"]:
         src_es = es if g["l0"] == 0 else 4
         name, blocks, ns = _fused_seg_launch(cub, tname, g, B, C)
+        if mp is not None:
+            times.append(_gated_launch(cub, name, blocks, g))
+            continue
         hbm = npix * (C * src_es + len(g["ks"]) * C * 4)
         times.append(_cuda_launch_time(cub, name, _NWARP, g["smem"], blocks, ns, hbm,
                                        16 if (vec or g["l0"] > 0) else src_es))
     nch = plan["nchunk"]
     blocks = B * nch * cbl
     times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_bwd_prep_kernel" + tname + "Lb0E"), _NWARP, _NT * 4,
-                                   blocks, {"grid_trips": 1.0, "config": f"{nch} chunks of {_PREP_POS}"},
+                                   blocks, {"grid_trips": 1.0, "prep_trips": H * W / (nch * _NT),
+                                            "config": f"{nch} chunks of {_PREP_POS}"},
                                    npix * (C * es + gate + cbl * 32) + B * nch * C * 4, 16 if vec else es))
     n = B * C
     grid = min(_cdiv(n, _NT), 1 << 20)
@@ -1731,15 +1763,8 @@ def _cuda_predict(direction, shape, ks, dtype):
     times = []
     mp = cuda_plan_mma(shape, list(ks), dtype)
     if mp is not None:
-        targs = "".join(f"Li{v}E" for v in ([L] + list(ks) + [0] * (3 - L)))
-        name = _cuda_fn_name(cub["sass"], "fc_mma_fwd_kernel" + tname + targs)
-        blocks = B * mp["ntiles"] * cbl
-        ns = {"nl": L, "mma_stage": (mp["srows"], mp["scols"]), "mma_tile": (mp["TH"], mp["TW"]),
-              "mma_last": (mp["nrow"][L - 1], mp["ncol"][L - 1]),
-              "mma_rows": mp["nrow"][:L - 1], "mma_cols": mp["ncol"][:L - 1], "grid_trips": 1.0,
-              "config": f"tensor cores, {mp['TH']}x{mp['TW']} tile"}
         hbm = npix * (C * es + _gate_bytes_per_pixel(L, es) + C * es) + B * mp["ntiles"] * C * 4
-        times.append(_cuda_launch_time(cub, name, _NWARP, mp["smem"], blocks, ns, hbm, 16 if vec else 8))
+        times.append(_mma_launch(cub, tname, shape, ks, mp, False, hbm, vec))
     for g in segs:
         name, blocks, ns = _fused_seg_launch(cub, tname, g, B, C)
         src_es = es if g["l0"] == 0 else 4
@@ -1773,6 +1798,20 @@ def _cuda_predict(direction, shape, ks, dtype):
         times += bwd
         config += "; bwd " + ", ".join(t["config"] for t in bwd if t["config"].startswith("level"))
     return times, config, main_l, [], []
+
+
+def _mma_launch(cub, tname, shape, ks, mp, rec, hbm, vec):
+    """The tensor-core kernel: the forward, or (rec) the backward's recompute of x_1 .. x_{L-1}."""
+    B, H, W, C = shape
+    L = len(ks)
+    targs = "".join(f"Li{v}E" for v in ([L] + list(ks) + [0] * (3 - L))) + ("Lb1E" if rec else "Lb0E")
+    name = _cuda_fn_name(cub["sass"], "fc_mma_fwd_kernel" + tname + targs)
+    ns = {"nl": L, "mma_stage": (mp["srows"], mp["scols"]), "mma_tile": (mp["TH"], mp["TW"]),
+          "mma_last": (mp["nrow"][L - 1], mp["ncol"][L - 1]),
+          "mma_rows": mp["nrow"][:L - 1], "mma_cols": mp["ncol"][:L - 1], "grid_trips": 1.0,
+          "config": f"tensor cores, {mp['TH']}x{mp['TW']} tile" + (" (recompute)" if rec else "")}
+    return _cuda_launch_time(cub, name, _NWARP, mp["smem"], B * mp["ntiles"] * _cdiv(C, _CB), ns, hbm,
+                             16 if vec else 8)
 
 
 def _gated_launch(cub, name, blocks, g, hw=H100):
@@ -1920,6 +1959,22 @@ def format_compare(rows, device="") -> str:
     return "\n".join(lines)
 
 
+def format_breakdown(rows, top=12):
+    """Where each launch's instructions go: per element (of the op's B*H*W*C) by source loop."""
+    out = []
+    for r in rows:
+        out.append(f"== {r['backend']} {r['direction']} {r['dtype']} {r['shape']} k={r['kernel_sizes']}: "
+                   f"{r['predicted_ms']} ms ({r['bound']}), {r['instr_per_elem']} instr/elem")
+        for ln in r["launches"]:
+            by = ln.get("instr_per_elem_by_loop")
+            if not by:
+                continue
+            out.append(f"  {ln['kernel']} [{ln['config']}]: {ln['ms']} ms ({ln['bound']})")
+            for k, v in list(by.items())[:top]:
+                out.append(f"    {v:8.1f}  {k}")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--compare", metavar="RESULTS_JSON",
@@ -1930,6 +1985,8 @@ def main(argv=None):
     ap.add_argument("--kset", default="SRF,LRF")
     ap.add_argument("--direction", default="fwd,fwd+bwd")
     ap.add_argument("--backend", default="triton,cuda")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="per launch of each row, its instructions per element by source loop (CUDA kernels)")
     ap.add_argument("--tail", action="store_true",
                     help="the modulation tail (Triton GEMM + gating, global term folded) per stage instead")
     a = ap.parse_args(argv)
@@ -1958,6 +2015,8 @@ def main(argv=None):
                         tuple(a.dtype.split(",")), tuple(a.direction.split(",")), tuple(a.backend.split(",")))
     if a.json:
         print(json.dumps(rows))
+    elif a.breakdown:
+        print(format_breakdown(rows))
     else:
         print(format_rows(rows))
         print("PREDICTION (static model from the sm_90 SASS, H100 SXM5 at "

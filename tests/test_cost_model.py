@@ -274,10 +274,15 @@ def test_cuda_backward_planner_port():
     plan = cm.cuda_plan_bwd((256, 56, 56, 96), (3, 5, 7))
     assert [g["k"] for g in plan["levels"]] == [3, 5, 7]
     assert all(g["smem"] <= 96 * 1024 and g["nslots"] == 2048 // 12 for g in plan["levels"])
-    assert [s["ks"] for s in plan["segs"]] == [[3, 5]] and plan["nchunk"] == 13
+    assert [s["ks"] for s in plan["segs"]] == [[3, 5]] and plan["nchunk"] == 4 and plan["mma"] is None
     assert cm.cuda_plan_bwd((2, 7, 7, 768), (3,))["segs"] == []
     s = cm.cuda_bwd_plan_string(plan)
     assert s.startswith("recompute ") and s.count("; level ") == 3
+    # fp16/bf16 recompute on tensor cores with the forward's tile, the FMA segments as its fallback
+    bf = cm.cuda_plan_bwd((256, 56, 56, 96), (3, 5, 7), "bfloat16")
+    fwd = cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7], "bfloat16")
+    assert bf["mma"] == fwd and bf["segs"] == plan["segs"]
+    assert cm.cuda_bwd_plan_string(bf).startswith(f"recompute mma {fwd['TH']}x{fwd['TW']} else ")
 
 
 def test_cuda_planner_port_picks_one_segment_for_lrf():

@@ -2,7 +2,8 @@
 //
 // Forward:  fc_fused_kernel (one launch per level segment; usually one segment = all levels)
 //           -> fc_pool_finish_kernel -> fc_fwd_epilogue_kernel.
-// Backward: fc_fused_kernel in recompute mode (x_1..x_{L-1} into the workspace, L >= 2)
+// Backward: fc_mma_fwd_kernel<..., REC> (fp16/bf16 SRF/LRF, fc_mma.cuh) and / or fc_fused_kernel in
+//           recompute mode (x_1..x_{L-1} into the workspace, L >= 2)
 //           -> fc_bwd_prep_kernel -> fc_dpool_finish_kernel
 //           -> fc_bwd_level_kernel for l = L-1 .. 0 -> fc_gates_finish_kernel, fc_gw_finish_kernel.
 // Every reduction is two-stage with a fixed order (no atomics): results are bit-reproducible.
@@ -468,11 +469,16 @@ __global__ void __launch_bounds__(NT) fc_fwd_epilogue_kernel(T* __restrict__ out
 }
 
 // ==========================================================================================
-// Backward preparation (level independent), block = (image, 256 positions, 8 channels):
+// Backward preparation (level independent), block = (image, PREP_POS positions, 8 channels); a thread
+// owns positions tid, tid + NT, ... of the chunk with the block's 8 channels of each (one 16-byte load
+// of dout when it is channel-contiguous and aligned):
 //   dp_part[b][chunk][c]        = sum_{positions} dout * g_L               (for dpool)
 //   gg[cb][b,h,w][L]            = sum_{c in block} dout * GELU(pooled)     (global gate partial)
+// Per thread and position: one dout vector, one gate, 16 FFMA, one store (the earlier layout, a thread
+// per channel, loaded the gate 8 times and reduced the gate partial with shuffles: ~155 instructions
+// per element by the cost model, int-bound).
 // ==========================================================================================
-constexpr int PREP_POS = 256;
+constexpr int PREP_POS = 4 * NT;
 
 struct PrepParams {
   int64_t B, H, W, C;
@@ -480,6 +486,7 @@ struct PrepParams {
   int64_t nchunk;
   const void* dout;
   int64_t ds[4];
+  int dout_vec;
   const void* gates;
   int64_t gs[4];
   const float* pooled;
@@ -487,13 +494,11 @@ struct PrepParams {
   float* dp_part;
 };
 
-// WIDE: positions need 64-bit arithmetic (H * W + PREP_POS >= 2^31); else 32-bit position math (a 64-bit
-// division per position cost more than the rest of the loop body).
+// WIDE: positions need 64-bit arithmetic (H * W + PREP_POS >= 2^31); else 32-bit position math.
 template <typename T, bool WIDE>
 __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
-  FC_DYN_SMEM(red);  // NT floats
-  const int tid = threadIdx.x;
-  const int c = tid & (CB - 1), grp = tid / CB;
+  FC_DYN_SMEM(red);  // CB floats of GELU(pooled), then NWARP * CB partial sums
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   int64_t bid = blockIdx.x;
   const int cb = (int)(bid % P.cblocks);
   bid /= P.cblocks;
@@ -505,32 +510,51 @@ __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
   const int64_t BHW = P.B * HW;
   const T* dout = static_cast<const T*>(P.dout);
   const T* gates = static_cast<const T*>(P.gates);
-  const float G = (c < nvalid) ? gelu_f(P.pooled[b * P.C + c0 + c]) : 0.f;
-  float dsum = 0.f;
+  const bool vec = P.dout_vec && nvalid == CB;
+  float* gsm = red + NWARP * CB;
+  if (tid < CB) gsm[tid] = (tid < nvalid) ? gelu_f(P.pooled[b * P.C + c0 + tid]) : 0.f;
+  __syncthreads();
+  float G[CB], dsum[CB];
+#pragma unroll
+  for (int i = 0; i < CB; ++i) {
+    G[i] = gsm[i];
+    dsum[i] = 0.f;
+  }
   using Pos = typename std::conditional<WIDE, int64_t, int>::type;
   const Pos Wp = (Pos)P.W, HWp = (Pos)HW;
+  const T* dimg = dout + b * P.ds[0] + c0 * P.ds[3];
+  const T* gimg = gates + b * P.gs[0] + (int64_t)P.L * P.gs[3];
+  float* ggimg = P.gg + ((int64_t)cb * BHW + b * HW) * (P.L + 1) + P.L;
 #pragma unroll 1
-  for (int m = 0; m < PREP_POS / NGRP; ++m) {
-    const Pos q = (Pos)(chunk * PREP_POS) + m * NGRP + grp;
-    const bool valid = q < HWp;
-    float d = 0.f, gl = 0.f;
-    if (valid) {
-      const Pos h = q / Wp, w = q - h * Wp;
-      if (c < nvalid) d = to_f<T>(dout[b * P.ds[0] + h * P.ds[1] + w * P.ds[2] + (c0 + c) * P.ds[3]]);
-      gl = to_f<T>(gates[b * P.gs[0] + h * P.gs[1] + w * P.gs[2] + (int64_t)P.L * P.gs[3]]);
+  for (int m = 0; m < PREP_POS / NT; ++m) {
+    const Pos q = (Pos)(chunk * PREP_POS) + m * NT + tid;
+    if (q >= HWp) break;
+    const Pos h = q / Wp, w = q - h * Wp;
+    float d[CB];
+    load8<T>(dimg, (int64_t)h * P.ds[1] + (int64_t)w * P.ds[2], P.ds[3], nvalid, vec, d);
+    const float gl = to_f<T>(gimg[(int64_t)h * P.gs[1] + (int64_t)w * P.gs[2]]);
+    float prod = 0.f;
+#pragma unroll
+    for (int i = 0; i < CB; ++i) {
+      dsum[i] = fmaf(d[i], gl, dsum[i]);
+      prod = fmaf(d[i], G[i], prod);
     }
-    if (valid) dsum = fmaf(d, gl, dsum);
-    float prod = d * G;
-    prod += __shfl_xor_sync(0xffffffffu, prod, 4);
-    prod += __shfl_xor_sync(0xffffffffu, prod, 2);
-    prod += __shfl_xor_sync(0xffffffffu, prod, 1);
-    if (valid && c == 0) P.gg[((int64_t)cb * BHW + b * HW + q) * (P.L + 1) + P.L] = prod;
+    ggimg[(int64_t)q * (P.L + 1)] = prod;
   }
-  red[tid] = dsum;
+  // dsum over the block: a fixed xor tree per warp, then the warps in order
+#pragma unroll
+  for (int i = 0; i < CB; ++i) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) dsum[i] += __shfl_xor_sync(0xffffffffu, dsum[i], o);
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < CB; ++i) red[warp * CB + i] = dsum[i];
+  }
   __syncthreads();
   if (tid < nvalid) {
     float t = 0.f;
-    for (int g = 0; g < NGRP; ++g) t += red[g * CB + tid];
+    for (int g = 0; g < NWARP; ++g) t += red[g * CB + tid];
     P.dp_part[(b * P.nchunk + chunk) * P.C + c0 + tid] = t;
   }
 }

@@ -67,6 +67,8 @@ struct MmaParams {
   float* pool_part;
   int* flag;
   float scale;
+  float* xws[2];      // recompute mode: x_1, x_2 (fp32 contiguous [B][H][W][C]) of the backward's workspace
+  int ws_vec;         // their 8-channel vectors are 16-byte aligned
 };
 
 template <typename T> struct MmaT;
@@ -282,7 +284,9 @@ __device__ __forceinline__ uint32_t mma_stage(const MmaParams& P, uint16_t* s0, 
   return nf;
 }
 
-template <typename T, int LC, int K0, int K1, int K2>
+// REC (the backward's recompute): only the levels before the last, whose tile values (rounded to T, as
+// the forward used them) go to P.xws as fp32; no gates, output or pooled partials.
+template <typename T, int LC, int K0, int K1, int K2, bool REC>
 __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P, const uint32_t* __restrict__ frag,
                                                                int nwp) {
   constexpr int NS = MmaT<T>::NS;
@@ -322,7 +326,7 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
   }
   // gates of the tile, fp32 [level][TH][TW] (0 outside the image): rows by warp, columns by lane
   float* gsm = reinterpret_cast<float*>(sm + P.offG);
-  {
+  if constexpr (!REC) {
     const int64_t gs1 = P.gs[1], gs2 = P.gs[2], gs3 = P.gs[3];
     const T* gp = static_cast<const T*>(P.gates) + b * P.gs[0] + (int64_t)(h0 + warp) * gs1 + (int64_t)(w0 + lane) * gs2;
 #pragma unroll 1
@@ -365,6 +369,37 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
     nf |= mma_level<T, K1>(P, 1, slot1, slot0, P.pitch[2], bf + NW0, h0, w0, lane);
     __syncwarp();
   }
+  const int thl = min(TH, H - h0), twl = min(TW, W - w0);
+  const int r1 = P.Rn[0], p1 = P.pitch[1];
+  const int r2 = LC > 2 ? P.Rn[1] : 0, p2 = P.pitch[LC > 2 ? 2 : 1];
+  if constexpr (REC) {
+    if ((nf & 0x80008000u) != 0u) *P.flag = 1;
+    __syncthreads();
+    // x_1 (slot 1) and x_2 (slot 0, 3 levels) at the tile positions -> fp32 workspace, 8 channels per
+    // position (two 16-byte stores); rows by warp, columns by lane
+    const T* tag = nullptr;
+    const int pl1 = P.planeS[1] / 2, pl0 = P.planeS[0] / 2;
+    const uint16_t* x1s = reinterpret_cast<const uint16_t*>(sm + P.offS[1]) + r1 * p1 + r1;
+    const uint16_t* x2s = reinterpret_cast<const uint16_t*>(sm + P.offS[0]) + r2 * p2 + r2;
+    const bool wvec = P.ws_vec && nvalid == CB;
+#pragma unroll 1
+    for (int ty = warp; ty < thl; ty += NWARP) {
+      const int64_t row = (((int64_t)b * H + h0 + ty) * W + w0) * P.C + c0;
+#pragma unroll 1
+      for (int tx = lane; tx < twl; tx += 32) {
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = unpack2((uint32_t)x1s[i * pl1 + ty * p1 + tx], tag).x;
+        store8<float>(P.xws[0], row + (int64_t)tx * P.C, nvalid, wvec, v);
+        if constexpr (LC > 2) {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] = unpack2((uint32_t)x2s[i * pl0 + ty * p2 + tx], tag).x;
+          store8<float>(P.xws[1], row + (int64_t)tx * P.C, nvalid, wvec, v);
+        }
+      }
+    }
+    return;
+  }
   // last level on the tile: out = s * (g_{L-1} x_L + sum_l g_l x_{l+1}) with x_1 (slot 1) and x_2
   // (slot 0, 3 levels) read at the position; the result goes, rounded to T, where it does not
   // disturb what is still to be read: over x_1 at the same position (3 levels: only this thread
@@ -374,9 +409,6 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
   const T* lsrc = LC > 2 ? slot0 : slot1;
   const int lp = P.pitch[LC - 1];
   const int nrowL = P.nrow[LC - 1], ncolL = P.ncol[LC - 1];
-  const int thl = min(TH, H - h0), twl = min(TW, W - w0);
-  const int r1 = P.Rn[0], p1 = P.pitch[1];
-  const int r2 = LC > 2 ? P.Rn[1] : 0, p2 = P.pitch[LC > 2 ? 2 : 1];
   T* x1p = slot1 + r1 * p1 + r1;
   T* obuf = LC > 2 ? x1p : slot0;
   const int op = LC > 2 ? p1 : P.opitch;

@@ -18,8 +18,10 @@
 //    segments are still launched after it and run only when the flag is set (one int read per
 //    block otherwise), and fc_pool_finish_kernel takes the partials of whichever ran.
 //    FOCALNET_CUDA_MMA=0 turns the tensor-core path off.
-//  * Backward (staged per level, recomputing): x_1..x_{L-1} recomputed by fc_fused_kernel into
-//    the workspace; fc_bwd_prep_kernel (dpool and global-gate partials); then one
+//  * Backward (staged per level, recomputing): x_1..x_{L-1} recomputed into the fp32 workspace by
+//    the tensor-core kernel (REC instance: the levels before the last, rounded to T as the forward
+//    had them) where the forward uses it, with the fused segments behind it as the same flag-gated
+//    fallback; else by fc_fused_kernel; fc_bwd_prep_kernel (dpool and global-gate partials); then one
 //    fc_bwd_level_kernel per level, l = L-1..0, recomputing z_l from x_l in shared memory.
 //    Gate gradients (reduction over C) and weight gradients (reduction over B*H*W) are per-block
 //    partials in the workspace reduced by fixed-order kernels. No float atomics anywhere.
@@ -497,6 +499,9 @@ struct FwdPlan {
 };
 
 struct BwdPlan {
+  MmaPlan mma;  // the recompute on tensor cores (the forward's plan; segs then run only if it flagged)
+  int64_t off_flag = -1, off_frag = -1;
+  int nwp = 0;
   std::vector<Segment> segs;
   int64_t off_X[5] = {-1, -1, -1, -1, -1};
   int64_t off_D[2] = {-1, -1};
@@ -509,6 +514,13 @@ struct BwdPlan {
 int64_t map_bytes(const FocalContextArgs& a) { return a.B * a.H * a.W * a.C * (int64_t)sizeof(float); }
 int64_t cblocks_of(const FocalContextArgs& a) { return cblocks_of(a.C); }
 
+// B-fragment words per lane and channel of the tensor-core kernel (fc_mma_bfrag_kernel)
+int mma_frag_words(const FocalContextArgs& a) {
+  int words = 0;
+  for (int l = 0; l < a.L; ++l) words += (a.dtype == kBFloat16 ? 2 * FC_MMA_BF16_NS : 2) * a.ksize[l];
+  return (int)round_up(words, 4);
+}
+
 FwdPlan plan_fwd(const FocalContextArgs& a) {
   FwdPlan pl;
   pl.segs = make_segments(a, 0, a.L, true);
@@ -517,9 +529,7 @@ FwdPlan plan_fwd(const FocalContextArgs& a) {
   if (pl.mma.ok) {
     pl.off_flag = lay.take(16);
     pl.off_pool_mma = lay.take((int64_t)a.B * pl.mma.ntiles * a.C * 4);
-    int words = 0;
-    for (int l = 0; l < a.L; ++l) words += (a.dtype == kBFloat16 ? 2 * FC_MMA_BF16_NS : 2) * a.ksize[l];
-    pl.nwp = (int)round_up(words, 4);
+    pl.nwp = mma_frag_words(a);
     pl.off_frag = lay.take(a.C * 32 * (int64_t)pl.nwp * 4);
   }
   pl.off_pool = lay.take((int64_t)a.B * pl.segs.back().ntiles * a.C * 4);
@@ -537,6 +547,12 @@ BwdPlan plan_bwd(const FocalContextArgs& a) {
   const int L = a.L;
   Layout lay;
   if (L >= 2) {
+    pl.mma = plan_mma(a);
+    if (pl.mma.ok) {
+      pl.off_flag = lay.take(16);
+      pl.nwp = mma_frag_words(a);
+      pl.off_frag = lay.take(a.C * 32 * (int64_t)pl.nwp * 4);
+    }
     pl.segs = make_segments(a, 0, L - 1, false);
     for (int l = 1; l <= L - 1; ++l) pl.off_X[l] = lay.take(map_bytes(a));
     pl.off_D[0] = lay.take(map_bytes(a));
@@ -724,8 +740,10 @@ void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, b
 }
 
 template <typename T>
+// xws == nullptr: the forward; else the backward's recompute of x_1 .. x_{L-1} into xws[0 .. L-2] (REC).
 void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* pool_part, uint32_t* frag, int nwp,
-                bool ctx_vec, bool ctx_vec8, bool out_vec, float scale, cudaStream_t st) {
+                bool ctx_vec, bool ctx_vec8, bool out_vec, float scale, cudaStream_t st,
+                float* const* xws = nullptr, bool ws_vec = false) {
   if constexpr (sizeof(T) == 2) {
     MmaParams P{};
     P.B = a.B;
@@ -767,14 +785,18 @@ void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* p
     P.pool_part = pool_part;
     P.flag = flag;
     P.scale = scale;
+    const bool rec = xws != nullptr;
+    for (int j = 0; j < 2; ++j) P.xws[j] = (rec && j < a.L - 1) ? xws[j] : nullptr;
+    P.ws_vec = ws_vec;
     std::string name = std::string("fc_mma_fwd_kernel<") + dtype_name<T>() + ", k=";
     for (int j = 0; j < a.L; ++j) name += (j ? "," : "") + std::to_string(a.ksize[j]);
-    name += ">";
+    name += rec ? "> (backward recompute)" : ">";
     using MmaFn = void (*)(MmaParams, const uint32_t*, int);
     MmaFn fn = nullptr;
     const int* k = a.ksize.data();
-#define FC_MMA_CASE(LC, k0, k1, k2) \
-    if (a.L == LC && k[0] == k0 && k[1] == k1 && (LC < 3 || k[2] == k2)) fn = &fc_mma_fwd_kernel<T, LC, k0, k1, k2>;
+#define FC_MMA_CASE(LC, k0, k1, k2)                                            \
+    if (a.L == LC && k[0] == k0 && k[1] == k1 && (LC < 3 || k[2] == k2))       \
+      fn = rec ? &fc_mma_fwd_kernel<T, LC, k0, k1, k2, true> : &fc_mma_fwd_kernel<T, LC, k0, k1, k2, false>;
     FC_MMA_SPECS(FC_MMA_CASE)
 #undef FC_MMA_CASE
     if (fn == nullptr) throw std::logic_error("focal_context_cuda: no " + name + " instance (planner bug)");
@@ -900,9 +922,17 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
   float* dpool = reinterpret_cast<float*>(ws + pl.off_dpool);
   float* gg = reinterpret_cast<float*>(ws + pl.off_gg);
 
-  // 1. recompute x_1 .. x_{L-1} into the workspace
+  // 1. recompute x_1 .. x_{L-1} into the workspace: on tensor cores where the forward ran on them (the
+  //    FMA segments then run only if it flagged a value it cannot reproduce), else the FMA segments
+  int* flag = nullptr;
+  if (pl.mma.ok) {
+    flag = reinterpret_cast<int*>(ws + pl.off_flag);
+    launch_mma<T>(a, pl.mma, flag, nullptr, reinterpret_cast<uint32_t*>(ws + pl.off_frag), pl.nwp, ctx_vec, ctx_vec8,
+                  false, scale, st, X + 1, ws_vec);
+  }
   for (const Segment& s : pl.segs) {
     FusedParams P = segment_inputs(a, s, X, ctx_vec, ctx_vec8, ws_vec, scale);
+    P.run_if = flag;
     P.xmask = (1 << s.nl) - 1;
     launch_fused<T>(a, s, P, false, st);
   }
@@ -919,6 +949,7 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
     Q.nchunk = pl.nchunk;
     Q.dout = reinterpret_cast<const void*>(a.grad_out);
     for (int d = 0; d < 4; ++d) Q.ds[d] = a.grad_out_stride[d];
+    Q.dout_vec = dout_vec;
     Q.gates = reinterpret_cast<const void*>(a.gates);
     for (int d = 0; d < 4; ++d) Q.gs[d] = a.gates_stride[d];
     Q.pooled = reinterpret_cast<const float*>(a.pooled);
@@ -929,7 +960,7 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
       throw std::runtime_error("focal_context_cuda: fc_bwd_prep_kernel: grid too large");
     void (*prep)(const PrepParams) =
         H * W + PREP_POS < (int64_t(1) << 31) ? fc_bwd_prep_kernel<T, false> : fc_bwd_prep_kernel<T, true>;
-    FC_LAUNCH(prep, (unsigned)nblk, NT, NT * sizeof(float), st, Q);
+    FC_LAUNCH(prep, (unsigned)nblk, NT, (NWARP + 1) * CB * sizeof(float), st, Q);
     check_launch(std::string("fc_bwd_prep_kernel<") + dtype_name<T>() + ">");
     FC_LAUNCH(fc_dpool_finish_kernel, grid_1d(B * C), NT, 0, st, dp_part, pl.nchunk, B, C,
               reinterpret_cast<const float*>(a.pooled), scale, 1.0 / (double)(H * W), dpool);
@@ -1026,6 +1057,7 @@ std::string focal_context_bwd_plan_cuda(const FocalContextArgs& a) {
   validate_shape(a);
   const BwdPlan pl = plan_bwd(a);
   std::string s = "recompute";
+  if (pl.mma.ok) s += " mma " + std::to_string(pl.mma.TH) + "x" + std::to_string(pl.mma.TW) + " else";
   for (const Segment& g : pl.segs) s += " " + std::to_string(g.TH) + "x" + std::to_string(g.TW);
   for (int l = 0; l < a.L; ++l) {
     const LevelPlan& g = pl.lv[l];
