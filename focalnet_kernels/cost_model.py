@@ -822,6 +822,52 @@ def cuda_plan_mma(shape, ks, dtype):
     return best
 
 
+# tensor-core backward level kernel (csrc/cuda/fc_bwd_mma.cuh; plan_level_mma / level_mma_geom)
+_LVM_TH = (8, 10, 16, 24, 26, 32, 40, 56)
+_LVM_TW = (8, 16, 24, 32, 40, 48, 56, 64)
+_LVM_Z, _LVM_X, _LVM_N, _LVM_F, _LVM_T, _LVM_TILE = 36.0, 1.5, 2.0, 6.0, 4.0, 3000.0
+
+
+def _level_mma_geom(k, H, W, th, tw):
+    TH, TW, p = min(th, H), min(tw, W), k // 2
+
+    def odd8(x):
+        return x + 8 if (x // 8) % 2 == 0 else x
+    g = {"k": k, "TH": TH, "TW": TW, "nrowZ": _cdiv(TH + 2 * p, 16),
+         "ncolZ": max(_cdiv(TW + 2 * p, 8), _cdiv(TW, 8) + 1), "nrowT": _cdiv(TH, 16), "ncolT": _cdiv(TW, 8),
+         "ncolE": _cdiv(TW + p, 8)}
+    g["xrows"] = max(16 * g["nrowZ"] + k - 1, 16 * g["nrowT"] + k + p - 1)
+    g["xp"] = odd8(max(8 * g["ncolZ"] + 8, 8 * g["ncolE"] + 8))
+    g["drows"] = max(16 * g["nrowZ"], 16 * g["nrowT"] + k - 1, 16 * g["nrowT"] + p)
+    g["dp"] = odd8(max(8 * g["ncolZ"], 8 * g["ncolT"] + 8, 8 * g["ncolE"]))
+    g["nrows"], g["np"] = TH + 2 * p, TW + 2 * p
+    g["planeX"] = _cdiv(max(g["xrows"] * g["xp"] * 2, TH * TW * 4, k * 128 * 4), 16) * 16
+    g["planeD"] = _cdiv(g["drows"] * g["dp"] * 2, 16) * 16
+    g["planeN"] = _cdiv(g["nrows"] * g["np"] * 4, 16) * 16
+    g["smem"] = _CB * (g["planeX"] + 2 * g["planeD"] + g["planeN"])
+    g["ntiles"] = _cdiv(H, TH) * _cdiv(W, TW)
+    g["ntw"] = _cdiv(W, TW)
+    per_tile = (_LVM_TILE + _LVM_Z * 128.0 * g["nrowZ"] * g["ncolZ"] + _LVM_X * g["xrows"] * g["xp"] +
+                _LVM_N * g["nrows"] * g["np"] + _LVM_F * 128.0 * g["nrowT"] * g["ncolT"] + _LVM_T * TH * TW)
+    g["cost"] = per_tile * g["ntiles"] / (H * W)
+    return g if g["smem"] <= _MMA_SMEM_BUDGET else None
+
+
+def cuda_plan_level_mma(shape, k, dtype):
+    """plan_level_mma(): the tensor-core backward level kernel's tile for kernel size k, or None (bf16 and
+    k in {3, 5, 7} only; the caller also requires the forward on tensor cores)."""
+    B, H, W, C = shape
+    if dtype != "bfloat16" or k not in (3, 5, 7):
+        return None
+    best = None
+    for th in _LVM_TH:
+        for tw in _LVM_TW:
+            g = _level_mma_geom(k, H, W, th, tw)
+            if g is not None and (best is None or g["cost"] < best["cost"]):
+                best = g
+    return best
+
+
 def _depth(loops, i):
     d = 0
     while loops[i].parent is not None:
@@ -1346,7 +1392,11 @@ def cuda_bwd_plan_string(plan) -> str:
         s += f" mma {plan['mma']['TH']}x{plan['mma']['TW']} else"
     s += "".join(f" {g['TH']}x{g['TW']}" for g in plan["segs"])
     for l, g in enumerate(plan["levels"]):
-        s += f"; level {l}: k{g['k']} {g['TH']}x{g['TW']} slots {g['nslots']}"
+        m = plan["lvm"][l]
+        s += f"; level {l}: k{g['k']}"
+        if m is not None:
+            s += f" mma {m['TH']}x{m['TW']} slots {m['nslots']} else"
+        s += f" {g['TH']}x{g['TW']} slots {g['nslots']}"
     return s
 
 
@@ -1370,7 +1420,14 @@ def cuda_plan_bwd(shape, ks, dtype="float32"):
                     best, bc = g, c
         best["nslots"] = min(B * best["ntiles"], max(1, _TARGET_BLOCKS // cbl))
         levels.append(best)
-    return {"mma": cuda_plan_mma(shape, list(ks), dtype) if L >= 2 else None,
+    mp = cuda_plan_mma(shape, list(ks), dtype)
+    lvm = [None] * L
+    if mp is not None and os.environ.get("FOCALNET_CUDA_MMA_BWD", "") != "0":
+        for l, k in enumerate(ks):
+            lvm[l] = cuda_plan_level_mma(shape, k, dtype)
+            if lvm[l] is not None:
+                lvm[l]["nslots"] = levels[l]["nslots"]
+    return {"mma": mp if L >= 2 else None, "lvm": lvm,
             "segs": cuda_plan_fwd(shape, list(ks[:L - 1]), fwd=False) if L >= 2 else [],
             "levels": levels, "nchunk": _cdiv(H * W, _PREP_POS)}
 
@@ -1433,6 +1490,21 @@ _CUDA_TRIPS = [
     (r"g < NGRP", lambda ns: _NGRP),
     (r"t = 0; t < ntiles", lambda ns: ns["ntiles"]),
     (r"idx < n; idx \+= \(int64_t\)gridDim.x \* NT", lambda ns: ns["grid_trips"]),
+    # tensor-core backward level kernel (fc_bwd_mma.cuh)
+    (r"tt = slot; tt < total; tt \+= P.nslots", lambda ns: ns["lv_tiles"]),
+    (r"r = warp; r < P.xrows; r \+= NWARP", lambda ns: ns["xrows"] / _NWARP),
+    (r"s = 2 \* lane; s < xp; s \+= 64", lambda ns: _cdiv(ns["xp"], 64)),
+    (r"r = warp; r < zr; r \+= NWARP", lambda ns: ns["zr"] / _NWARP),
+    (r"s = lane; s < zc; s \+= 32", lambda ns: _cdiv(ns["zc"], 32)),
+    (r"sr = 0; sr < P.nrowZ", lambda ns: ns["nrowZ"]),
+    (r"sc = 0; sc < P.ncolZ", lambda ns: ns["ncolZ"]),
+    (r"rb = 0; rb < P.nrowT", lambda ns: ns["nrowT"]),
+    (r"j = 0; j < P.ncolE", lambda ns: ns["ncolE"]),
+    (r"fr2 = 0; fr2 < P.nrowT", lambda ns: ns["nrowT"]),
+    (r"fc2 = 0; fc2 < P.ncolT", lambda ns: ns["ncolT"]),
+    (r"ti = warp; ti < thl; ti \+= NWARP", lambda ns: ns["TH"] / _NWARP),
+    (r"tj = lane; tj < twl; tj \+= 32", lambda ns: _cdiv(ns["TW"], 32)),
+    (r"q = lane; q < K \* K; q \+= 32", lambda ns: _cdiv(ns["kk"], 32)),
     # backward (fc_kernels.cuh): prep, finish kernels, the per-level kernel
     (r"m = 0; m < PREP_POS / NT", lambda ns: ns["prep_trips"]),
     (r"g = 0; g < NWARP", lambda ns: _NWARP),
@@ -1464,7 +1536,7 @@ def cuda_cubin(root=None):
     sm_90, compiled once into the cache with `nvcc -cubin -lineinfo` (minutes on 2 cores)."""
     root = root or os.environ.get("FOCALNET_CUDA_SRC") or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     srcs = {}
-    for n in ("focal_context_cuda.cu", "fc_kernels.cuh", "fc_device.cuh", "fc_mma.cuh"):
+    for n in ("focal_context_cuda.cu", "fc_kernels.cuh", "fc_device.cuh", "fc_mma.cuh", "fc_bwd_mma.cuh"):
         with open(os.path.join(root, "csrc", "cuda", n)) as f:
             srcs[n] = f.read()
     key = hashlib.sha1("".join(srcs[k] for k in sorted(srcs)).encode()).hexdigest()[:20]
@@ -1708,7 +1780,7 @@ def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
     times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_bwd_prep_kernel" + tname + "Lb0E"), _NWARP, _NT * 4,
                                    blocks, {"grid_trips": 1.0, "prep_trips": H * W / (nch * _NT),
                                             "config": f"{nch} chunks of {_PREP_POS}"},
-                                   npix * (C * es + gate + cbl * 32) + B * nch * C * 4, 16 if vec else es))
+                                   npix * (C * es + gate + cbl * 4) + B * nch * C * 4, 16 if vec else es))
     n = B * C
     grid = min(_cdiv(n, _NT), 1 << 20)
     times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_dpool_finish_kernel"), _NWARP, 0, grid,
@@ -1728,7 +1800,21 @@ def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
         x_es = es if l == 0 else 4
         dx_in = C * es + gate if l == L - 1 else C * 4
         dx_out = C * es if l == 0 else C * 4
-        hbm = npix * (C * x_es + dx_in + C * es + gate + dx_out + cbl * 32) + g["nslots"] * k * k * C * 4
+        # gate partials gg[cb][l][pos]: 4 bytes per position and channel block, full sectors
+        hbm = npix * (C * x_es + dx_in + C * es + gate + dx_out + cbl * 4) + g["nslots"] * k * k * C * 4
+        m = plan["lvm"][l]
+        if m is not None:
+            # the tensor-core level kernel; the FMA one behind it only tests its flag
+            mname = _cuda_fn_name(cub["sass"], "fc_bwd_level_mma_kernel" + f"ILi{k}E")
+            mns = {"lv_tiles": B * m["ntiles"] / m["nslots"], "xrows": m["xrows"], "xp": m["xp"],
+                   "zr": m["nrows"], "zc": m["np"], "nrowZ": m["nrowZ"], "ncolZ": m["ncolZ"],
+                   "nrowT": m["nrowT"], "ncolT": m["ncolT"], "ncolE": m["ncolE"], "TH": m["TH"], "TW": m["TW"],
+                   "kk": k * k, "grid_trips": 1.0,
+                   "config": f"level {l} k={k}: tensor cores, {m['TH']}x{m['TW']} tile, {m['nslots']} slots"}
+            times.append(_cuda_launch_time(cub, mname, _NWARP, m["smem"], m["nslots"] * cbl, mns, hbm,
+                                           16 if (l > 0 or vec) else 8))
+            times.append(_gated_launch(cub, name, blocks, g))
+            continue
         times.append(_cuda_launch_time(cub, name, _NWARP, g["smem"], blocks, ns, hbm,
                                        16 if (l > 0 or vec) else es))
     ng = npix * (L + 1)

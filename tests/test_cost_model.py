@@ -283,6 +283,13 @@ def test_cuda_backward_planner_port():
     fwd = cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7], "bfloat16")
     assert bf["mma"] == fwd and bf["segs"] == plan["segs"]
     assert cm.cuda_bwd_plan_string(bf).startswith(f"recompute mma {fwd['TH']}x{fwd['TW']} else ")
+    # bf16: the level kernels on tensor cores too (within the forward's shared-memory budget), with the
+    # FMA kernel's slots; fp32 / fp16: none
+    assert plan["lvm"] == [None] * 3 and cm.cuda_plan_bwd((256, 56, 56, 96), (3, 5, 7), "float16")["lvm"] == [None] * 3
+    for lv, m in zip(bf["levels"], bf["lvm"]):
+        assert m is not None and m["smem"] <= cm._MMA_SMEM_BUDGET and m["nslots"] == lv["nslots"]
+        assert m["ncolZ"] >= m["ncolT"] + 1 and m["xp"] >= 8 * m["ncolE"] + 8
+    assert cm.cuda_bwd_plan_string(bf).count(" mma ") == 4
 
 
 def test_cuda_planner_port_picks_one_segment_for_lrf():

@@ -192,6 +192,68 @@ def test_forward_without_the_global_term(mma, dtype, monkeypatch):
     _check_pooled(pooled, r, TOL[dtype])
 
 
+@pytest.mark.parametrize("ks", [[3, 5], [3, 5, 7]])
+@pytest.mark.parametrize("B,H,W,C,layout,gout_layout", [(2, 13, 17, 20, "contig", "contig"),
+                                                         (1, 9, 30, 12, "slice", "strided"),
+                                                         (1, 1, 2, 9, "chfirst", "contig"),
+                                                         (1, 40, 11, 8, "offset1", "contig")])
+def test_tensor_core_backward(B, H, W, C, layout, gout_layout, ks, monkeypatch):
+    """The bf16 backward's level kernels on tensor cores (fc_bwd_mma.cuh) against fp64, and against the FMA
+    level kernels (FOCALNET_CUDA_MMA_BWD=0): both within tolerance, and different (its results are its own,
+    not its fallback's)."""
+    nat = _native()
+    dtype = torch.bfloat16
+    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, layout, seed=21)
+    plan = nat.cuda_bwd_plan(ctx, gates, weights, True)
+    assert plan.count(" mma ") == len(ks) + 1, plan  # the recompute and every level
+    out, pooled = nat.focal_context_fwd_native(ctx, gates, weights, True)
+    gout = make_grad_out(B, H, W, C, dtype, gout_layout, seed=22)
+    r = reference(ctx, gates, weights, True, gout)
+    res = {}
+    for sw in ("1", "0"):
+        monkeypatch.setenv("FOCALNET_CUDA_MMA_BWD", sw)
+        if sw == "0":
+            assert nat.cuda_bwd_plan(ctx, gates, weights, True).count(" mma ") == 1
+        gctx, ggates, gw = nat.focal_context_bwd_native(gout, ctx, gates, weights, pooled, True)
+        errs = {"grad_ctx": rel_err(gctx, r["grad_ctx"]), "grad_gates": rel_err(ggates, r["grad_gates"])}
+        for i in range(len(ks)):
+            errs[f"grad_w{i}"] = rel_err(gw[i], r["grad_w"][i])
+        assert all(v < TOL[dtype] for v in errs.values()), (sw, errs)
+        res[sw] = [gctx, ggates] + list(gw)
+    if H * W * C >= 1000:
+        assert not all(torch.equal(a, b) for a, b in zip(res["1"], res["0"]))
+    monkeypatch.setenv("FOCALNET_CUDA_MMA_BWD", "2")
+    with pytest.raises(ValueError, match="FOCALNET_CUDA_MMA_BWD"):
+        nat.focal_context_bwd_native(gout, ctx, gates, weights, pooled, True)
+
+
+@pytest.mark.parametrize("case", ["nan_ctx", "inf_gate", "inf_dout"])
+def test_tensor_core_backward_falls_back(case):
+    # non-finite x_l / dx_{l+1} / weights: the tensor-core level kernel flags them and the FMA level kernel
+    # recomputes that level, so NaN / Inf reach exactly the positions they reach in the reference
+    nat = _native()
+    dtype = torch.bfloat16
+    B, H, W, C, ks = 2, 11, 13, 12, [3, 5, 7]
+    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, seed=31)
+    ctx, gates = ctx.clone(), gates.clone()
+    gout = make_grad_out(B, H, W, C, dtype, seed=32).clone()
+    if case == "nan_ctx":
+        ctx[1, 4, 5, 2] = float("nan")
+    elif case == "inf_gate":
+        gates[0, 6, 7, 1] = float("inf")
+    else:
+        gout[1, 2, 3, 4] = float("inf")
+    assert nat.cuda_bwd_plan(ctx, gates, weights, False).count(" mma ") == len(ks) + 1
+    out, pooled = nat.focal_context_fwd_native(ctx, gates, weights, False)
+    gctx, ggates, gw = nat.focal_context_bwd_native(gout, ctx, gates, weights, pooled, False)
+    r = reference(ctx, gates, weights, False, gout)
+    for name, got, ref in [("grad_ctx", gctx, r["grad_ctx"]), ("grad_gates", ggates, r["grad_gates"])] + \
+                          [(f"grad_w{i}", gw[i], r["grad_w"][i]) for i in range(len(ks))]:
+        g, rf = _same_nonfinite(name, got, ref)
+        if rf.numel():
+            assert rel_err(g, rf) < TOL[dtype], name
+
+
 def test_tensor_core_switch_rejects_other_values(monkeypatch):
     nat = _native()
     ctx, gates, weights = make_inputs(1, 5, 6, 8, [3, 5], torch.bfloat16, seed=2)

@@ -5,7 +5,8 @@
 // Backward: fc_mma_fwd_kernel<..., REC> (fp16/bf16 SRF/LRF, fc_mma.cuh) and / or fc_fused_kernel in
 //           recompute mode (x_1..x_{L-1} into the workspace, L >= 2)
 //           -> fc_bwd_prep_kernel -> fc_dpool_finish_kernel
-//           -> fc_bwd_level_kernel for l = L-1 .. 0 -> fc_gates_finish_kernel, fc_gw_finish_kernel.
+//           -> fc_bwd_level_kernel (or fc_bwd_level_mma_kernel of fc_bwd_mma.cuh) for l = L-1 .. 0
+//           -> fc_gates_finish_kernel, fc_gw_finish_kernel.
 // Every reduction is two-stage with a fixed order (no atomics): results are bit-reproducible.
 #pragma once
 
@@ -473,7 +474,7 @@ __global__ void __launch_bounds__(NT) fc_fwd_epilogue_kernel(T* __restrict__ out
 // owns positions tid, tid + NT, ... of the chunk with the block's 8 channels of each (one 16-byte load
 // of dout when it is channel-contiguous and aligned):
 //   dp_part[b][chunk][c]        = sum_{positions} dout * g_L               (for dpool)
-//   gg[cb][b,h,w][L]            = sum_{c in block} dout * GELU(pooled)     (global gate partial)
+//   gg[cb][L][b,h,w]            = sum_{c in block} dout * GELU(pooled)     (global gate partial)
 // Per thread and position: one dout vector, one gate, 16 FFMA, one store (the earlier layout, a thread
 // per channel, loaded the gate 8 times and reduced the gate partial with shuffles: ~155 instructions
 // per element by the cost model, int-bound).
@@ -524,7 +525,7 @@ __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
   const Pos Wp = (Pos)P.W, HWp = (Pos)HW;
   const T* dimg = dout + b * P.ds[0] + c0 * P.ds[3];
   const T* gimg = gates + b * P.gs[0] + (int64_t)P.L * P.gs[3];
-  float* ggimg = P.gg + ((int64_t)cb * BHW + b * HW) * (P.L + 1) + P.L;
+  float* ggimg = P.gg + ((int64_t)cb * (P.L + 1) + P.L) * BHW + b * HW;
 #pragma unroll 1
   for (int m = 0; m < PREP_POS / NT; ++m) {
     const Pos q = (Pos)(chunk * PREP_POS) + m * NT + tid;
@@ -539,7 +540,7 @@ __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
       dsum[i] = fmaf(d[i], gl, dsum[i]);
       prod = fmaf(d[i], G[i], prod);
     }
-    ggimg[(int64_t)q * (P.L + 1)] = prod;
+    ggimg[q] = prod;
   }
   // dsum over the block: a fixed xor tree per warp, then the warps in order
 #pragma unroll
@@ -572,13 +573,16 @@ __global__ void __launch_bounds__(NT) fc_dpool_finish_kernel(const float* __rest
   }
 }
 
-// grad_gates[pos][l] = scale * sum_cb gg[cb][pos][l]   (fixed order)
+// grad_gates[pos][l] = scale * sum_cb gg[cb][l][pos]   (fixed order; n = positions * L1)
 template <typename T>
 __global__ void __launch_bounds__(NT) fc_gates_finish_kernel(const float* __restrict__ gg, int cblocks, int64_t n,
-                                                              float scale, T* __restrict__ grad_gates) {
+                                                              int L1, float scale, T* __restrict__ grad_gates) {
+  const int64_t npos = n / L1;
   for (int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * NT) {
+    const int64_t pos = idx / L1;
+    const int64_t off = (idx - pos * L1) * npos + pos;
     double s = 0.0;
-    for (int cb = 0; cb < cblocks; ++cb) s += (double)gg[(int64_t)cb * n + idx];
+    for (int cb = 0; cb < cblocks; ++cb) s += (double)gg[(int64_t)cb * n + off];
     grad_gates[idx] = from_f<T>(scale * (float)s);
   }
 }
@@ -601,7 +605,7 @@ __global__ void __launch_bounds__(NT) fc_gw_finish_kernel(const float* __restric
 //   x_l on tile + 2p (ctx or workspace)           -> z_l on tile + p (recomputed in shared memory)
 //   dx_{l+1} on tile + p (workspace, or from dout/gates/dpool for l = L-1)
 //   dz_l = dx_{l+1} * GELU'(z_l) on tile + p (0 outside the image)
-//   gate partial  gg[cb][pos][l] = sum_{c in block} dout * GELU(z_l)       (tile positions)
+//   gate partial  gg[cb][l][pos] = sum_{c in block} dout * GELU(z_l)       (tile positions)
 //   weight grad   sum_{tile positions} dz_l(h,w) * x_l(h+i-p, w+j-p)       (registers, fp64 across tiles)
 //   dx_l on tile = conv(dz_l, flipped w_l) (+ scale * dout * g_{l-1} for l > 0) -> workspace or grad_ctx
 // The weight-gradient partial of the slot is written once at the end: [slot][tap][C].
@@ -629,10 +633,34 @@ struct LevelBwdParams {
   float* gg;
   float* gw_part;
   float scale;
+  const int* run_if;  // non-null: the tensor-core level kernel's fallback; return unless *run_if
 };
+
+// dx_{l+1} of 8 channels at image position (gh, gw) (0 outside the image): for the last level
+// scale * dout * g_{L-1} + dpool, else the fp32 workspace map (both level kernels' parameter blocks)
+template <typename T, class Params>
+__device__ __forceinline__ void load_dx_next8(const Params& P, int64_t b, int64_t c0, int gh, int gw, int nvalid,
+                                              bool dvec, bool wvec, float (&v)[8]) {
+  if (gh < 0 || gh >= P.H || gw < 0 || gw >= P.W) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = 0.f;
+  } else if (P.l == P.L - 1) {
+    float d[8];
+    load8<T>(static_cast<const T*>(P.dout), b * P.ds[0] + (int64_t)gh * P.ds[1] + (int64_t)gw * P.ds[2] + c0 * P.ds[3],
+             P.ds[3], nvalid, dvec, d);
+    const float g = P.scale * to_f<T>(static_cast<const T*>(P.gates)[b * P.gs[0] + (int64_t)gh * P.gs[1] +
+                                                                     (int64_t)gw * P.gs[2] + (int64_t)(P.L - 1) * P.gs[3]]);
+    const float* dp = P.dpool + b * P.C + c0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = (i < nvalid) ? fmaf(d[i], g, dp[i]) : 0.f;
+  } else {
+    load8<float>(P.dx_in, ((b * P.H + gh) * P.W + gw) * P.C + c0, 1, nvalid, wvec, v);
+  }
+}
 
 template <typename T, int K>
 __global__ void __launch_bounds__(NT, 2) fc_bwd_level_kernel(const LevelBwdParams P) {
+  if (P.run_if != nullptr && *P.run_if == 0) return;
   constexpr int p = K / 2;
   constexpr int V = vblock(K);
   constexpr int KK = K * K;
@@ -692,23 +720,7 @@ __global__ void __launch_bounds__(NT, 2) fc_bwd_level_kernel(const LevelBwdParam
         const int r = idx / zc, s = idx - r * zc;
         const int gh = h0 - p + r, gw = w0 - p + s;
         float v[8];
-        if (gh >= 0 && gh < H && gw >= 0 && gw < W) {
-          if (l == L - 1) {
-            float d[8];
-            load8<T>(dout, b * P.ds[0] + (int64_t)gh * P.ds[1] + (int64_t)gw * P.ds[2] + c0 * P.ds[3], P.ds[3],
-                     nvalid, dvec, d);
-            const float g = P.scale * to_f<T>(gates[b * P.gs[0] + (int64_t)gh * P.gs[1] + (int64_t)gw * P.gs[2] +
-                                                    (int64_t)(L - 1) * P.gs[3]]);
-            const float* dp = P.dpool + b * P.C + c0;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[i] = (i < nvalid) ? fmaf(d[i], g, dp[i]) : 0.f;
-          } else {
-            load8<float>(P.dx_in, ((b * P.H + gh) * P.W + gw) * P.C + c0, 1, nvalid, wvec, v);
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) v[i] = 0.f;
-        }
+        load_dx_next8<T>(P, b, c0, gh, gw, nvalid, dvec, wvec, v);
         sm_store8(Zs + (r * P.pZ + s) * CB, v);
       }
     }
@@ -751,8 +763,8 @@ __global__ void __launch_bounds__(NT, 2) fc_bwd_level_kernel(const LevelBwdParam
         const int gh = h0 - p + r;
         const bool hin = r < orows && gh >= 0 && gh < H;
         const int ti = r - p;
-        // gate partials of this row: one 64-bit base per item, V stores at (L + 1) strides from it
-        float* ggrow = P.gg + ((int64_t)cb * BHW + ((int64_t)b * H + gh) * W + (w0 - p + s0)) * (L + 1) + l;
+        // gate partials of this row: one 64-bit base per item, V consecutive stores from it
+        float* ggrow = P.gg + ((int64_t)cb * (L + 1) + l) * BHW + ((int64_t)b * H + gh) * W + (w0 - p + s0);
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           const int s = s0 + v;
@@ -773,7 +785,7 @@ __global__ void __launch_bounds__(NT, 2) fc_bwd_level_kernel(const LevelBwdParam
           prod += __shfl_xor_sync(0xffffffffu, prod, 4);
           prod += __shfl_xor_sync(0xffffffffu, prod, 2);
           prod += __shfl_xor_sync(0xffffffffu, prod, 1);
-          if (interior && c == 0) ggrow[v * (L + 1)] = prod;
+          if (interior && c == 0) ggrow[v] = prod;
         }
       }
     }

@@ -117,10 +117,27 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 // column n = g (g = lane / 4, t = lane % 4) of B_dy, hi (s = 0) and lo (s = 1, bf16) parts of the
 // fp32 weights; nwp = NS * 2 * sum(k) rounded up to 4 words (16-byte loads per lane).
 // Weights that are not finite, or outside T's range, set *flag (the FMA fallback runs).
+// One kernel row's B-fragment words of a lane: v[h][e] = B[2t + 8h + e][g]; hi parts, then lo (NS = 2).
+template <typename T>
+__device__ __forceinline__ int put_bfrag_row(uint32_t* d, int i, const float (&v)[2][2]) {
+  const T* tag = nullptr;
+  uint32_t hi[2], lo[2];
+  for (int h = 0; h < 2; ++h) {
+    hi[h] = pack2(v[h][0], v[h][1], tag);
+    const float2 hf = unpack2(hi[h], tag);
+    lo[h] = pack2(v[h][0] - hf.x, v[h][1] - hf.y, tag);
+  }
+  d[i++] = hi[0];
+  d[i++] = hi[1];
+  if (MmaT<T>::NS == 2) {
+    d[i++] = lo[0];
+    d[i++] = lo[1];
+  }
+  return i;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(NT) fc_mma_bfrag_kernel(const MmaParams P, uint32_t* __restrict__ frag, int nwp) {
-  constexpr int NS = MmaT<T>::NS;
-  const T* tag = nullptr;
   const int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x;
   if (idx >= P.C * 32) return;
   const int64_t c = idx / 32;
@@ -132,24 +149,14 @@ __global__ void __launch_bounds__(NT) fc_mma_bfrag_kernel(const MmaParams P, uin
     const int K = P.k[j];
     const float* w = P.w[j] + c * K * K;
     for (int dy = 0; dy < K; ++dy) {
-      uint32_t hi[2], lo[2];
-      for (int h = 0; h < 2; ++h) {
-        float v[2];
+      float v[2][2];
+      for (int h = 0; h < 2; ++h)
         for (int e = 0; e < 2; ++e) {
           const int dx = 2 * t + 8 * h + e - g;
-          v[e] = (dx >= 0 && dx < K) ? w[dy * K + dx] : 0.f;
-          bad |= !(fabsf(v[e]) <= MmaT<T>::maxv);
+          v[h][e] = (dx >= 0 && dx < K) ? w[dy * K + dx] : 0.f;
+          bad |= !(fabsf(v[h][e]) <= MmaT<T>::maxv);
         }
-        hi[h] = pack2(v[0], v[1], tag);
-        const float2 hf = unpack2(hi[h], tag);
-        lo[h] = pack2(v[0] - hf.x, v[1] - hf.y, tag);
-      }
-      d[i++] = hi[0];
-      d[i++] = hi[1];
-      if (NS == 2) {
-        d[i++] = lo[0];
-        d[i++] = lo[1];
-      }
+      i = put_bfrag_row<T>(d, i, v);
     }
   }
   for (; i < nwp; ++i) d[i] = 0u;

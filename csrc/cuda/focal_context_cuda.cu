@@ -22,7 +22,10 @@
 //    the tensor-core kernel (REC instance: the levels before the last, rounded to T as the forward
 //    had them) where the forward uses it, with the fused segments behind it as the same flag-gated
 //    fallback; else by fc_fused_kernel; fc_bwd_prep_kernel (dpool and global-gate partials); then one
-//    fc_bwd_level_kernel per level, l = L-1..0, recomputing z_l from x_l in shared memory.
+//    level kernel per level, l = L-1..0, recomputing z_l from x_l in shared memory: for bf16 where the
+//    forward runs on tensor cores, fc_bwd_level_mma_kernel (fc_bwd_mma.cuh: z, dx and the weight
+//    gradient as banded mma.sync; FOCALNET_CUDA_MMA_BWD=0 turns it off) with fc_bwd_level_kernel (FMA)
+//    behind it as its flag-gated fallback; else fc_bwd_level_kernel.
 //    Gate gradients (reduction over C) and weight gradients (reduction over B*H*W) are per-block
 //    partials in the workspace reduced by fixed-order kernels. No float atomics anywhere.
 //  * Compile-time specialisations (FC_FUSED_SPECS) for the common level segments; any other
@@ -41,6 +44,7 @@
 #include "focal_context.h"
 #include "fc_kernels.cuh"
 #include "fc_mma.cuh"
+#include "fc_bwd_mma.cuh"
 
 namespace focalnet {
 namespace {
@@ -390,6 +394,16 @@ bool mma_has_spec(const FocalContextArgs& a) {
   return found;
 }
 
+// FOCALNET_CUDA_MMA_BWD: unset / "1" = the tensor-core backward level kernels where they apply (bf16, where
+// the forward runs on tensor cores), "0" = the FMA level kernels (the recompute stays on tensor cores).
+bool mma_bwd_enabled() {
+  const char* e = std::getenv("FOCALNET_CUDA_MMA_BWD");
+  if (e == nullptr || e[0] == 0 || std::strcmp(e, "1") == 0) return true;
+  if (std::strcmp(e, "0") == 0) return false;
+  throw std::invalid_argument(std::string("focal_context_cuda: FOCALNET_CUDA_MMA_BWD must be 0 or 1, got '") + e +
+                              "'");
+}
+
 // FOCALNET_CUDA_MMA: unset / "1" = the tensor-core forward where it applies, "0" = never.
 bool mma_enabled() {
   const char* e = std::getenv("FOCALNET_CUDA_MMA");
@@ -488,6 +502,73 @@ MmaPlan plan_mma(const FocalContextArgs& a) {
   return best;
 }
 
+// tensor-core backward of one level (fc_bwd_mma.cuh): bf16, k in {3, 5, 7}, where the forward runs on
+// tensor cores (its recompute then leaves x_l exact in bf16)
+struct LevelMmaPlan {
+  bool ok = false;
+  int k = 0, TH = 0, TW = 0, ntw = 0, ntiles = 0, nslots = 0;
+  int nrowZ = 0, ncolZ = 0, nrowT = 0, ncolT = 0, ncolE = 0;
+  int xrows = 0, xp = 0, drows = 0, dp = 0, nrows = 0, np = 0;
+  int planeX = 0, planeD = 0, planeN = 0;
+  int64_t smem = 0, budget = 0;
+  double cost = 0.0;
+};
+constexpr int kLvMmaTH[] = {8, 10, 16, 24, 26, 32, 40, 56};
+constexpr int kLvMmaTW[] = {8, 16, 24, 32, 40, 48, 56, 64};
+// planner weights (instructions per unit, from the kernel's SASS by the cost model, rounded): per z output
+// (GELU, GELU', dz split and stores, 4 per lane), per x-plane element staged, per region position staged
+// (8 channels), per dx output, per tile position of the final pass, per tile
+constexpr double kLvMmaZ = 36.0, kLvMmaX = 1.5, kLvMmaN = 2.0, kLvMmaF = 6.0, kLvMmaT = 4.0, kLvMmaTile = 3000.0;
+
+bool level_mma_geom(LevelMmaPlan& m, int k, int64_t H, int64_t W, int th, int tw, int64_t budget) {
+  const int TH = (int)std::min<int64_t>(th, H), TW = (int)std::min<int64_t>(tw, W);
+  const int p = k / 2;
+  m.k = k;
+  m.TH = TH;
+  m.TW = TW;
+  m.nrowZ = (int)ceil_div(TH + 2 * p, 16);
+  m.ncolZ = (int)std::max(ceil_div(TW + 2 * p, 8), ceil_div(TW, 8) + 1);  // every column (f) reads is written
+  m.nrowT = (int)ceil_div(TH, 16);
+  m.ncolT = (int)ceil_div(TW, 8);
+  m.ncolE = (int)ceil_div(TW + p, 8);
+  m.xrows = std::max(16 * m.nrowZ + k - 1, 16 * m.nrowT + k + p - 1);
+  auto odd8 = [](int x) { return (x / 8) % 2 == 0 ? x + 8 : x; };  // 16-byte rows: ldmatrix bank spread
+  m.xp = odd8(std::max(8 * m.ncolZ + 8, 8 * m.ncolE + 8));
+  m.drows = std::max({16 * m.nrowZ, 16 * m.nrowT + k - 1, 16 * m.nrowT + p});
+  m.dp = odd8(std::max({8 * m.ncolZ, 8 * m.ncolT + 8, 8 * m.ncolE}));
+  m.nrows = TH + 2 * p;
+  m.np = TW + 2 * p;
+  m.planeX = (int)round_up(std::max<int64_t>({(int64_t)m.xrows * m.xp * 2, (int64_t)TH * TW * 4, (int64_t)k * 128 * 4}), 16);
+  m.planeD = (int)round_up((int64_t)m.drows * m.dp * 2, 16);
+  m.planeN = (int)round_up((int64_t)m.nrows * m.np * 4, 16);
+  m.smem = (int64_t)CB * (m.planeX + 2 * m.planeD + m.planeN);
+  const int64_t ntiles = ceil_div(H, TH) * ceil_div(W, TW);
+  if (ntiles > std::numeric_limits<int32_t>::max() / 1024) return false;
+  m.ntw = (int)ceil_div(W, TW);
+  m.ntiles = (int)ntiles;
+  double per_tile = kLvMmaTile + kLvMmaZ * 128.0 * m.nrowZ * m.ncolZ + kLvMmaX * m.xrows * m.xp +
+                    kLvMmaN * (double)m.nrows * m.np + kLvMmaF * 128.0 * m.nrowT * m.ncolT + kLvMmaT * TH * TW;
+  m.cost = per_tile * (double)ntiles / (double)(H * W);
+  m.budget = budget;
+  return m.smem <= budget;
+}
+
+LevelMmaPlan plan_level_mma(const FocalContextArgs& a, int k) {
+  LevelMmaPlan best;
+  if (a.dtype != kBFloat16 || (k != 3 && k != 5 && k != 7)) return best;
+  const int64_t budget = mma_smem_budget(a);
+  for (int th : kLvMmaTH)
+    for (int tw : kLvMmaTW) {
+      LevelMmaPlan m;
+      if (!level_mma_geom(m, k, a.H, a.W, th, tw, budget)) continue;
+      if (!best.ok || m.cost < best.cost) {
+        best = m;
+        best.ok = true;
+      }
+    }
+  return best;
+}
+
 struct FwdPlan {
   MmaPlan mma;
   int64_t off_flag = -1, off_pool_mma = -1, off_frag = -1;
@@ -507,6 +588,8 @@ struct BwdPlan {
   int64_t off_D[2] = {-1, -1};
   int64_t nchunk = 0, off_dp = -1, off_dpool = -1, off_gg = -1;
   LevelPlan lv[kMaxLevels];
+  LevelMmaPlan lvm[kMaxLevels];  // the tensor-core level kernel where it applies (lv[l] then its fallback)
+  int64_t off_lflag = -1, off_lfrag[kMaxLevels] = {-1, -1, -1, -1};
   int64_t off_gw[kMaxLevels] = {-1, -1, -1, -1};
   int64_t bytes = 0;
 };
@@ -581,6 +664,17 @@ BwdPlan plan_bwd(const FocalContextArgs& a) {
     if (!ok) throw std::runtime_error("focal_context_cuda: no tile of the backward kernel fits shared memory");
     const int64_t tiles = a.B * g.ntiles;
     g.nslots = (int)std::min<int64_t>(tiles, std::max<int64_t>(1, kTargetBlocks / cblocks));
+    if (pl.mma.ok && mma_bwd_enabled()) {
+      LevelMmaPlan& m = pl.lvm[l];
+      m = plan_level_mma(a, a.ksize[l]);
+      if (m.ok) {
+        // the FMA kernel's slot count (any count is correct: a slot past the tiles writes zero partials),
+        // so that fc_gw_finish_kernel reduces the same partials whichever of the two ran
+        m.nslots = g.nslots;
+        if (pl.off_lflag < 0) pl.off_lflag = lay.take(16);
+        pl.off_lfrag[l] = lay.take(a.C * 32 * (int64_t)(4 * a.ksize[l] * FC_MMA_BF16_NS) * 4);
+      }
+    }
     pl.off_gw[l] = lay.take((int64_t)g.nslots * g.k * g.k * a.C * 4);
   }
   pl.bytes = lay.cur;
@@ -693,13 +787,18 @@ std::string seg_name(const char* dt, const Segment& s, bool fwd) {
 
 // The grid fields every tiled launch's parameter block has (FusedParams, LevelBwdParams), from the
 // arguments and the tile plan (Segment, LevelPlan).
-template <class Params, class TilePlan>
-void set_tile_grid(Params& P, const FocalContextArgs& a, const TilePlan& g, int64_t cblocks) {
+template <class Params>
+void set_shape(Params& P, const FocalContextArgs& a) {
   P.B = a.B;
   P.H = a.H;
   P.W = a.W;
   P.C = a.C;
   P.L = a.L;
+}
+
+template <class Params, class TilePlan>
+void set_tile_grid(Params& P, const FocalContextArgs& a, const TilePlan& g, int64_t cblocks) {
+  set_shape(P, a);
   P.TH = g.TH;
   P.TW = g.TW;
   P.accP = g.accP;
@@ -739,18 +838,14 @@ void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, b
   check_launch(name);
 }
 
-template <typename T>
 // xws == nullptr: the forward; else the backward's recompute of x_1 .. x_{L-1} into xws[0 .. L-2] (REC).
+template <typename T>
 void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* pool_part, uint32_t* frag, int nwp,
                 bool ctx_vec, bool ctx_vec8, bool out_vec, float scale, cudaStream_t st,
                 float* const* xws = nullptr, bool ws_vec = false) {
   if constexpr (sizeof(T) == 2) {
     MmaParams P{};
-    P.B = a.B;
-    P.H = a.H;
-    P.W = a.W;
-    P.C = a.C;
-    P.L = a.L;
+    set_shape(P, a);
     for (int j = 0; j < 3; ++j) {
       P.k[j] = j < a.L ? a.ksize[j] : 0;
       P.Rn[j] = m.Rn[j];
@@ -898,6 +993,77 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
   check_launch(std::string("fc_fwd_epilogue_kernel<") + dtype_name<T>() + ">");
 }
 
+// The tensor-core backward of level P.l (bf16), with the FMA kernel's parameters as the source of its
+// inputs and outputs; the weight fragments first (fc_bwd_mma_bfrag_kernel).
+template <typename T>
+void launch_level_mma(const FocalContextArgs& a, const LevelMmaPlan& m, const LevelBwdParams& F, int* flag,
+                      uint32_t* frag, bool ctx_vec8, cudaStream_t st) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const int k = m.k;
+    LevelMmaParams Q{};
+    set_shape(Q, a);
+    Q.l = F.l;
+    Q.TH = m.TH;
+    Q.TW = m.TW;
+    Q.ntw = m.ntw;
+    Q.ntiles = m.ntiles;
+    Q.cblocks = F.cblocks;
+    Q.nslots = m.nslots;
+    Q.nrowZ = m.nrowZ;
+    Q.ncolZ = m.ncolZ;
+    Q.nrowT = m.nrowT;
+    Q.ncolT = m.ncolT;
+    Q.ncolE = m.ncolE;
+    Q.xrows = m.xrows;
+    Q.xp = m.xp;
+    Q.drows = m.drows;
+    Q.dp = m.dp;
+    Q.nrows = m.nrows;
+    Q.np = m.np;
+    Q.planeX = m.planeX;
+    Q.planeD = m.planeD;
+    Q.planeN = m.planeN;
+    Q.offX = 0;
+    Q.offDh = CB * m.planeX;
+    Q.offDl = Q.offDh + CB * m.planeD;
+    Q.offN = Q.offDl + CB * m.planeD;
+    Q.xsrc = F.xsrc;
+    for (int d = 0; d < 4; ++d) Q.xs[d] = F.xs[d];
+    Q.x_is_f32 = F.x_is_f32;
+    Q.x_vec = F.x_vec;
+    Q.x_vec8 = F.x_is_f32 ? 0 : ctx_vec8;
+    Q.dx_in = F.dx_in;
+    Q.ws_vec = F.ws_vec;
+    Q.dout = F.dout;
+    for (int d = 0; d < 4; ++d) Q.ds[d] = F.ds[d];
+    Q.dout_vec = F.dout_vec;
+    Q.gates = F.gates;
+    for (int d = 0; d < 4; ++d) Q.gs[d] = F.gs[d];
+    Q.dpool = F.dpool;
+    Q.dx_out = F.dx_out;
+    Q.out_vec = F.out_vec;
+    Q.gg = F.gg;
+    Q.gw_part = F.gw_part;
+    Q.frag = frag;
+    Q.flag = flag;
+    Q.scale = F.scale;
+    const std::string name = "fc_bwd_level_mma_kernel<bf16, k=" + std::to_string(k) + "> (level " +
+                             std::to_string(F.l) + ")";
+    using Fn = void (*)(LevelMmaParams);
+    const Fn fn = k == 3 ? &fc_bwd_level_mma_kernel<3> : (k == 5 ? &fc_bwd_level_mma_kernel<5> : &fc_bwd_level_mma_kernel<7>);
+    if (k != 3 && k != 5 && k != 7) throw std::logic_error("focal_context_cuda: " + name + ": no instance (planner bug)");
+    cuda_check(cudaMemsetAsync(flag, 0, sizeof(int), st), "cudaMemsetAsync(level flag)");
+    FC_LAUNCH(fc_bwd_mma_bfrag_kernel, grid_1d(a.C * 32), NT, 0, st, F.w, a.C, k, frag, flag);
+    check_launch("fc_bwd_mma_bfrag_kernel");
+    const int64_t nblk = (int64_t)m.nslots * F.cblocks;
+    set_smem(reinterpret_cast<const void*>(fn), m.smem, name, m.budget);
+    FC_LAUNCH(fn, (unsigned)nblk, MMA_NT, (size_t)m.smem, st, Q);
+    check_launch(name);
+  } else {
+    throw std::logic_error("focal_context_cuda: tensor-core backward planned for a dtype other than bf16 (planner bug)");
+  }
+}
+
 template <typename T>
 void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
   const int64_t B = a.B, H = a.H, W = a.W, C = a.C;
@@ -1019,6 +1185,11 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
     const int64_t nblk = (int64_t)g.nslots * cblocks;
     if (nblk > std::numeric_limits<int32_t>::max())
       throw std::runtime_error("focal_context_cuda: " + name + ": grid too large");
+    if (pl.lvm[l].ok) {
+      int* lflag = reinterpret_cast<int*>(ws + pl.off_lflag) + l;
+      launch_level_mma<T>(a, pl.lvm[l], P, lflag, reinterpret_cast<uint32_t*>(ws + pl.off_lfrag[l]), ctx_vec8, st);
+      P.run_if = lflag;  // the FMA kernel below: only if the tensor-core one flagged
+    }
     const LevelFn fn = level_fn<T>(g.k);
     set_smem(reinterpret_cast<const void*>(fn), g.smem, name);
     FC_LAUNCH(fn, (unsigned)nblk, NT, (size_t)g.smem, st, P);
@@ -1027,7 +1198,7 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
 
   // 4. fixed-order reductions of the partials
   const int64_t ng = B * H * W * (L + 1);
-  FC_LAUNCH(fc_gates_finish_kernel<T>, grid_1d(ng), NT, 0, st, gg, (int)cblocks, ng, scale,
+  FC_LAUNCH(fc_gates_finish_kernel<T>, grid_1d(ng), NT, 0, st, gg, (int)cblocks, ng, L + 1, scale,
             reinterpret_cast<T*>(a.grad_gates));
   check_launch(std::string("fc_gates_finish_kernel<") + dtype_name<T>() + ">");
   for (int l = 0; l < L; ++l) {
@@ -1061,8 +1232,12 @@ std::string focal_context_bwd_plan_cuda(const FocalContextArgs& a) {
   for (const Segment& g : pl.segs) s += " " + std::to_string(g.TH) + "x" + std::to_string(g.TW);
   for (int l = 0; l < a.L; ++l) {
     const LevelPlan& g = pl.lv[l];
-    s += "; level " + std::to_string(l) + ": k" + std::to_string(g.k) + " " + std::to_string(g.TH) + "x" +
-         std::to_string(g.TW) + " slots " + std::to_string(g.nslots);
+    const LevelMmaPlan& m = pl.lvm[l];
+    s += "; level " + std::to_string(l) + ": k" + std::to_string(g.k);
+    if (m.ok)
+      s += " mma " + std::to_string(m.TH) + "x" + std::to_string(m.TW) + " slots " + std::to_string(m.nslots) +
+           " else";
+    s += " " + std::to_string(g.TH) + "x" + std::to_string(g.TW) + " slots " + std::to_string(g.nslots);
   }
   return s;
 }

@@ -50,6 +50,23 @@ inline void emu_ldsm_x4(uint32_t (&a)[4], const void* p) {
   for (int m = 0; m < 4; ++m) memcpy(&a[m], reinterpret_cast<const char*>(pb[8 * m + lane / 4]) + 4 * (lane % 4), 4);
   emu_t.wbar->arrive_and_wait();
 }
+// ldmatrix...x4.trans: lane l receives from matrix m the 16-bit elements (row 2(l%4), column l/4) (low half)
+// and (row 2(l%4) + 1, column l/4) (high half), rows addressed by lanes 8m..8m+7 as above.
+inline void emu_ldsm_x4_trans(uint32_t (&a)[4], const void* p) {
+  const int lane = threadIdx.x & 31;
+  emu_check_align16(p);
+  uint64_t* pb = reinterpret_cast<uint64_t*>(emu_t.xbuf);
+  pb[lane] = reinterpret_cast<uint64_t>(p);
+  emu_t.wbar->arrive_and_wait();
+  const int t = lane % 4, g = lane / 4;
+  for (int m = 0; m < 4; ++m) {
+    uint16_t lo, hi;
+    memcpy(&lo, reinterpret_cast<const char*>(pb[8 * m + 2 * t]) + 2 * g, 2);
+    memcpy(&hi, reinterpret_cast<const char*>(pb[8 * m + 2 * t + 1]) + 2 * g, 2);
+    a[m] = (uint32_t)lo | ((uint32_t)hi << 16);
+  }
+  emu_t.wbar->arrive_and_wait();
+}
 inline float emu_h2f(uint16_t u, bool f16) {
   if (f16) { __half h; memcpy(&h, &u, 2); return __half2float(h); }
   const uint32_t w = (uint32_t)u << 16; float f; memcpy(&f, &w, 4); return f;

@@ -1,0 +1,385 @@
+// Tensor-core backward of one level (bf16, k = 3, 5, 7); included by focal_context_cuda.cu only. Planned by
+// plan_level_mma (focal_context_cuda.cu) where the forward runs on tensor cores (its recompute then leaves
+// x_l exactly in bf16); fc_bwd_level_kernel (FMA) runs otherwise, and behind this kernel as its fallback.
+//
+// Block = (slot, 8 channels), warp w owns channel c0 + w; a slot walks the tiles slot, slot + nslots, ...
+// All three stencils of the level are banded mma.m16n8k16 (bf16 in, fp32 accumulate), per channel:
+//  (d) z = conv(x_l, w) on tile + p (x plane, weights hi + lo: as the forward's mma_subtile), then
+//      GELU(z), GELU'(z), dz = dx_{l+1} * GELU'(z) (0 outside the image and the region), stored as
+//      bf16 hi + lo planes (products exact to ~2^-16: fp32's range, which gradients need);
+//  (e) weight gradient: with the tile rows as the k dimension,
+//        D_dy[m][n] += sum_r x[r + dy - p][8j - 2p + m] * dz[r][8j - p + n]     (tile coordinates)
+//      (A from the x plane, B from the dz planes, both by ldmatrix.trans), whose diagonal m - n = dx
+//      holds tap (dy, dx); B is masked to the tile's own positions (each position counted by one tile);
+//      D stays in registers for the slot, its diagonals are summed once at the end;
+//  (f) dx_l = correlation of dz with the flipped kernel on the tile (A = dz hi and lo, B = flipped
+//      weights hi and lo: 3 mmas per kernel row), staged in fp32 over the warp's x plane.
+// Then per tile position and 8 channels (one 16-byte dout load): the gate partial
+// gg[cb][l][pos] = sum_c dout * GELU(z) (GELU(z) parked in the dx_{l+1} plane by (d)) and the dx_l
+// store (+ scale * dout * g_{l-1} for l > 0), as fc_bwd_level_kernel's.
+//
+// Planes (per warp, 16-byte aligned rows): x (bf16, xrows x xp, origin (h0 - 2p, w0 - 2p), zero outside
+// the image; every element written: A's columns meet B's zeros), dz hi / lo (bf16, drows x dp, origin
+// (h0 - p, w0 - p); columns < 8 ncolZ written by (d), rows past 16 nrowZ only reach discarded outputs),
+// n (fp32 dx_{l+1} on the region, nrows x np; later GELU(z) at the tile positions).
+// Coordinates: x plane = tile + 2p, dz / n planes = tile + p (rows and columns).
+//
+// Non-finite x_l or dx_{l+1} (NaN * 0 inside an mma would spread a NaN along a whole subtile row, wider
+// than the reference's) set *P.flag; the host launches fc_bwd_level_kernel for the level behind this one,
+// which runs only when the flag is set and recomputes everything this kernel wrote.
+#pragma once
+
+#include "fc_kernels.cuh"
+#include "fc_mma.cuh"
+
+namespace focalnet {
+namespace fcc {
+
+#ifdef FC_EMULATION
+inline void ldsm_x4_t(uint32_t (&a)[4], const void* p) { emu_ldsm_x4_trans(a, p); }
+#else
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&a)[4], const void* p) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+               : "r"(s));
+}
+#endif
+
+struct LevelMmaParams {
+  int64_t B, H, W, C;
+  int L, l;
+  int TH, TW, ntw, ntiles, cblocks, nslots;
+  int nrowZ, ncolZ, nrowT, ncolT, ncolE;  // subtiles of z (tile + p), of dx (tile); column blocks of (e)
+  int xrows, xp, drows, dp, nrows, np;    // plane rows and pitches (elements)
+  int offX, offDh, offDl, offN;           // bytes; warp w's planes at + w * plane*
+  int planeX, planeD, planeN;             // bytes per warp
+  const void* xsrc;                       // x_l: ctx (bf16, any strides) or the fp32 workspace map
+  int64_t xs[4];
+  int x_is_f32, x_vec, x_vec8;
+  const float* dx_in;                     // dx_{l+1} (fp32 contiguous) for l < L-1
+  int ws_vec;
+  const void* dout;
+  int64_t ds[4];
+  int dout_vec;
+  const void* gates;
+  int64_t gs[4];
+  const float* dpool;                     // [B][C], already divided by H*W
+  void* dx_out;                           // l == 0: grad_ctx (bf16, contiguous); else fp32 workspace map
+  int out_vec;
+  float* gg;
+  float* gw_part;
+  const uint32_t* frag;                   // fc_bwd_mma_bfrag_kernel: [C][32][2 * K * NS * 2]
+  int* flag;
+  float scale;
+};
+
+// B fragments of one level for the backward: per channel and lane, for dy = 0..K-1 the forward's words
+// (B_dy[i][n] = w[dy][i - n], hi then lo), then the flipped kernel's (w[K-1-dy][K-1-(i-n)]).
+// Non-finite weights set *flag (the FMA kernel recomputes the level).
+__global__ void __launch_bounds__(NT) fc_bwd_mma_bfrag_kernel(const float* __restrict__ w, int64_t C, int K,
+                                                              uint32_t* __restrict__ frag, int* flag) {
+  constexpr int NS = MmaT<__nv_bfloat16>::NS;
+  const int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x;
+  if (idx >= C * 32) return;
+  const int64_t c = idx / 32;
+  const int lane = (int)(idx % 32), g = lane >> 2, t = lane & 3;
+  uint32_t* d = frag + idx * (2 * K * NS * 2);
+  const float* wc = w + c * K * K;
+  bool bad = false;
+  int i = 0;
+  for (int flip = 0; flip < 2; ++flip)
+    for (int dy = 0; dy < K; ++dy) {
+      float v[2][2];
+      for (int h = 0; h < 2; ++h)
+        for (int e = 0; e < 2; ++e) {
+          const int dx = 2 * t + 8 * h + e - g;
+          v[h][e] = (dx >= 0 && dx < K) ? (flip ? wc[(K - 1 - dy) * K + (K - 1 - dx)] : wc[dy * K + dx]) : 0.f;
+          bad |= !(fabsf(v[h][e]) <= MmaT<__nv_bfloat16>::maxv);
+        }
+      i = put_bfrag_row<__nv_bfloat16>(d, i, v);
+    }
+  if (bad) *flag = 1;
+}
+
+// 8 channels of one position as 4 words of bf16 pairs (channels 2i, 2i+1), 0 outside the image.
+__device__ __forceinline__ void bl_load8(uint32_t (&q)[4], const LevelMmaParams& P, int64_t b, int64_t c0, int gh,
+                                         int gw, int nvalid, bool in) {
+  const __nv_bfloat16* tag = nullptr;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) q[i] = 0u;
+  if (!in) return;
+  if (P.x_is_f32) {
+    float v[8];
+    load8<float>(static_cast<const float*>(P.xsrc), ((b * P.H + gh) * P.W + gw) * P.C + c0, 1, nvalid,
+                 P.x_vec && nvalid == CB, v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[i] = pack2(v[2 * i], v[2 * i + 1], tag);
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(P.xsrc) + b * P.xs[0] + (int64_t)gh * P.xs[1] +
+                        (int64_t)gw * P.xs[2] + c0 * P.xs[3];
+    if (P.x_vec && nvalid == CB)
+      mma_load8<__nv_bfloat16, 2>(q, p, true, nvalid, P.xs[3]);
+    else if (P.x_vec8 && nvalid == CB)
+      mma_load8<__nv_bfloat16, 1>(q, p, true, nvalid, P.xs[3]);
+    else
+      mma_load8<__nv_bfloat16, 0>(q, p, true, nvalid, P.xs[3]);
+  }
+}
+
+// dz = value as bf16 hi + lo, two adjacent columns per word
+__device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
+  const __nv_bfloat16* tag = nullptr;
+  hi = pack2(a, b, tag);
+  const float2 h = unpack2(hi, tag);
+  lo = pack2(a - h.x, b - h.y, tag);
+}
+
+template <int K>
+__global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const LevelMmaParams P) {
+  using T = __nv_bfloat16;
+  constexpr int p = K / 2;
+  constexpr int NS = MmaT<T>::NS;
+  constexpr int NWD = K * NS * 2;  // fragment words per direction
+  FC_DYN_SMEM(smf);
+  char* sm = reinterpret_cast<char*>(smf);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int cb = (int)(blockIdx.x % (unsigned)P.cblocks);
+  const int slot = (int)(blockIdx.x / (unsigned)P.cblocks);
+  const int64_t c0 = (int64_t)cb * CB;
+  const int nvalid = (int)((P.C - c0) < CB ? (P.C - c0) : CB);
+  const int H = (int)P.H, W = (int)P.W, TH = P.TH, TW = P.TW, l = P.l, L = P.L;
+  const int64_t BHW = P.B * P.H * P.W;
+  T* Xw = reinterpret_cast<T*>(sm + P.offX + warp * P.planeX);
+  T* Dh = reinterpret_cast<T*>(sm + P.offDh + warp * P.planeD);
+  T* Dl = reinterpret_cast<T*>(sm + P.offDl + warp * P.planeD);
+  float* Nw = reinterpret_cast<float*>(sm + P.offN + warp * P.planeN);
+  float* Ow = reinterpret_cast<float*>(Xw);  // (f)'s result, after (e) is done with the x plane
+  const uint32_t* fr = P.frag + ((c0 + min(warp, nvalid - 1)) * 32 + lane) * (int64_t)(2 * NWD);
+  const int xp = P.xp, dp = P.dp, np = P.np;
+  uint32_t nf = 0;
+  float D[K][4];
+#pragma unroll
+  for (int dy = 0; dy < K; ++dy)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) D[dy][i] = 0.f;
+
+  const int64_t total = P.B * P.ntiles;
+  for (int64_t tt = slot; tt < total; tt += P.nslots) {
+    const int64_t b = tt / P.ntiles;
+    const int tile = (int)(tt - b * P.ntiles);
+    const int h0 = (tile / P.ntw) * TH, w0 = (tile % P.ntw) * TW;
+    const int thl = min(TH, H - h0), twl = min(TW, W - w0);
+    __syncthreads();  // the previous tile is done with shared memory
+
+    // (1) x_l on the x plane: rows by warp, column pairs by lane, 8 channel planes per position pair
+#pragma unroll 1
+    for (int r = warp; r < P.xrows; r += NWARP) {
+      const int gh = h0 - 2 * p + r;
+      const bool rin = (unsigned)gh < (unsigned)H;
+#pragma unroll 1
+      for (int s = 2 * lane; s < xp; s += 64) {
+        const int gw = w0 - 2 * p + s;
+        uint32_t qa[4], qb[4];
+        bl_load8(qa, P, b, c0, gh, gw, nvalid, rin && (unsigned)gw < (unsigned)W);
+        bl_load8(qb, P, b, c0, gh, gw + 1, nvalid, rin && (unsigned)(gw + 1) < (unsigned)W);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          nf |= nonfinite2<T>(qa[i]) | nonfinite2<T>(qb[i]);
+          uint32_t* d0 = reinterpret_cast<uint32_t*>(sm + P.offX + (2 * i) * P.planeX) + (r * xp + s) / 2;
+          uint32_t* d1 = reinterpret_cast<uint32_t*>(sm + P.offX + (2 * i + 1) * P.planeX) + (r * xp + s) / 2;
+          *d0 = __byte_perm(qa[i], qb[i], 0x5410);
+          *d1 = __byte_perm(qa[i], qb[i], 0x7632);
+        }
+      }
+    }
+    // (2) dx_{l+1} on the region tile + p (fp32 planes), 0 outside the image
+    {
+      const int zr = TH + 2 * p, zc = TW + 2 * p;
+      const bool dvec = P.dout_vec && nvalid == CB;
+      const bool wvec = P.ws_vec && nvalid == CB;
+#pragma unroll 1
+      for (int r = warp; r < zr; r += NWARP) {
+        const int gh = h0 - p + r;
+#pragma unroll 1
+        for (int s = lane; s < zc; s += 32) {
+          const int gw = w0 - p + s;
+          float v[8];
+          load_dx_next8<T>(P, b, c0, gh, gw, nvalid, dvec, wvec, v);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            nf |= (fabsf(v[i]) <= 3.38953139e38f) ? 0u : 0x80000000u;
+            reinterpret_cast<float*>(sm + P.offN + i * P.planeN)[r * np + s] = v[i];
+          }
+        }
+      }
+    }
+    __syncthreads();
+
+    // (3) z on the region, GELU / GELU', dz -> dz planes; GELU(z) at the tile positions -> n plane
+    {
+      const uint32_t* bfn = fr;
+      uint32_t bf[NWD];
+#pragma unroll
+      for (int i = 0; i < NWD; ++i) bf[i] = bfn[i];
+      const int zr = TH + 2 * p, zc = TW + 2 * p;
+      // rows / columns of the region inside the image: [lo, hi)
+      const int rlo = max(0, p - h0), rhi = min(zr, H - h0 + p);
+      const int clo = max(0, p - w0), chi = min(zc, W - w0 + p);
+#pragma unroll 1
+      for (int sr = 0; sr < P.nrowZ; ++sr) {
+#pragma unroll 1
+        for (int sc = 0; sc < P.ncolZ; ++sc) {
+          float c[4];
+          mma_subtile<T, K>(c, Xw, xp, 16 * sr, 8 * sc, bf, lane);
+          float dz[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int zi = 16 * sr + g + 8 * (i >> 1), zj = 8 * sc + 2 * t + (i & 1);
+            const bool in = zi >= rlo && zi < rhi && zj >= clo && zj < chi;
+            const bool interior = zi >= p && zi < p + thl && zj >= p && zj < p + twl;
+            float gz, gpz;
+            gelu_and_grad_f(c[i], gz, gpz);
+            float* np_ = Nw + (in ? zi * np + zj : 0);
+            const float nv = *np_;
+            dz[i] = in ? nv * gpz : 0.f;
+            if (interior) *np_ = gz;
+          }
+          uint32_t h0w, l0w, h1w, l1w;
+          split2(dz[0], dz[1], h0w, l0w);
+          split2(dz[2], dz[3], h1w, l1w);
+          nf |= nonfinite2<T>(h0w) | nonfinite2<T>(h1w);
+          const int zi0 = 16 * sr + g, zj0 = 8 * sc + 2 * t;
+          *reinterpret_cast<uint32_t*>(Dh + zi0 * dp + zj0) = h0w;
+          *reinterpret_cast<uint32_t*>(Dl + zi0 * dp + zj0) = l0w;
+          *reinterpret_cast<uint32_t*>(Dh + (zi0 + 8) * dp + zj0) = h1w;
+          *reinterpret_cast<uint32_t*>(Dl + (zi0 + 8) * dp + zj0) = l1w;
+        }
+      }
+    }
+    __syncwarp();
+
+    // (4) weight gradient: D_dy += A (x rows r0 + dy + p.., columns 8j..) x B (dz rows r0 + p.., columns 8j..)
+    {
+      const int mi = lane >> 3, rr = lane & 7;
+#pragma unroll 1
+      for (int rb = 0; rb < P.nrowT; ++rb) {
+        const int r0 = 16 * rb;
+        // B rows are tile rows r0 + k: this lane's k = 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1)
+        const uint32_t rm0 = (r0 + 2 * t < thl ? 0xffffu : 0u) | (r0 + 2 * t + 1 < thl ? 0xffff0000u : 0u);
+        const uint32_t rm1 = (r0 + 2 * t + 8 < thl ? 0xffffu : 0u) | (r0 + 2 * t + 9 < thl ? 0xffff0000u : 0u);
+        const T* bsrc = ((mi < 2) ? Dh : Dl) + (r0 + p + rr + 8 * (mi & 1)) * dp;
+        const T* asrc = Xw + (r0 + p + rr + 8 * (mi >> 1)) * xp + 8 * (mi & 1);
+#pragma unroll 1
+        for (int j = 0; j < P.ncolE; ++j) {
+          uint32_t bq[4];
+          ldsm_x4_t(bq, bsrc + 8 * j);
+          // B column n = g is tile column 8j - p + g
+          const int col = 8 * j - p + g;
+          const uint32_t cm = (col >= 0 && col < twl) ? 0xffffffffu : 0u;
+          const uint32_t m0 = rm0 & cm, m1 = rm1 & cm;
+#pragma unroll
+          for (int dy = 0; dy < K; ++dy) {
+            uint32_t a[4];
+            ldsm_x4_t(a, asrc + dy * xp + 8 * j);
+            mma16816<T>(D[dy], a, bq[0] & m0, bq[1] & m1);
+            mma16816<T>(D[dy], a, bq[2] & m0, bq[3] & m1);
+          }
+        }
+      }
+    }
+    __syncwarp();  // (5) overwrites the x plane
+
+    // (5) dx_l on the tile: A = dz hi / lo rows 16 fr + a .., B = the flipped kernel's hi / lo
+    {
+      const uint32_t* bff = fr + NWD;
+      uint32_t bf[NWD];
+#pragma unroll
+      for (int i = 0; i < NWD; ++i) bf[i] = bff[i];
+      const int mi = lane >> 3;
+#pragma unroll 1
+      for (int fr2 = 0; fr2 < P.nrowT; ++fr2) {
+#pragma unroll 1
+        for (int fc2 = 0; fc2 < P.ncolT; ++fc2) {
+          float dh[4] = {0.f, 0.f, 0.f, 0.f}, dl[4] = {0.f, 0.f, 0.f, 0.f};
+          const int off = (16 * fr2 + (lane & 7) + 8 * (mi & 1)) * dp + 8 * fc2 + 8 * (mi >> 1);
+#pragma unroll
+          for (int a = 0; a < K; ++a) {
+            uint32_t ah[4], al[4];
+            ldsm_x4(ah, Dh + off + a * dp);
+            ldsm_x4(al, Dl + off + a * dp);
+            mma16816<T>(dh, ah, bf[(a * NS) * 2], bf[(a * NS) * 2 + 1]);
+            if constexpr (NS == 2) mma16816<T>(dl, ah, bf[(a * NS + 1) * 2], bf[(a * NS + 1) * 2 + 1]);
+            mma16816<T>(dl, al, bf[(a * NS) * 2], bf[(a * NS) * 2 + 1]);
+          }
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int ti = 16 * fr2 + g + 8 * (i >> 1), tj = 8 * fc2 + 2 * t + (i & 1);
+            if (ti < thl && tj < twl) Ow[ti * TW + tj] = dh[i] + dl[i];
+          }
+        }
+      }
+    }
+    if ((nf & 0x80008000u) != 0u) *P.flag = 1;
+    nf = 0;
+    __syncthreads();
+
+    // (6) per tile position, 8 channels: gate partial and dx_l (+ scale * dout * g_{l-1})
+    {
+      const bool dvec = P.dout_vec && nvalid == CB;
+      const bool ovec = P.out_vec && nvalid == CB;
+#pragma unroll 1
+      for (int ti = warp; ti < thl; ti += NWARP) {
+        const int gh = h0 + ti;
+#pragma unroll 1
+        for (int tj = lane; tj < twl; tj += 32) {
+          const int gw = w0 + tj;
+          float d[8], v[8];
+          load8<T>(static_cast<const T*>(P.dout), b * P.ds[0] + (int64_t)gh * P.ds[1] + (int64_t)gw * P.ds[2] +
+                   c0 * P.ds[3], P.ds[3], nvalid, dvec, d);
+          float prod = 0.f;
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            prod = fmaf(d[i], reinterpret_cast<const float*>(sm + P.offN + i * P.planeN)[(ti + p) * np + tj + p], prod);
+            v[i] = reinterpret_cast<const float*>(sm + P.offX + i * P.planeX)[ti * TW + tj];
+          }
+          const int64_t pos = ((int64_t)b * H + gh) * W + gw;
+          P.gg[((int64_t)cb * (L + 1) + l) * BHW + pos] = prod;
+          if (l > 0) {
+            const float gq = P.scale * to_f<T>(static_cast<const T*>(P.gates)[b * P.gs[0] + (int64_t)gh * P.gs[1] +
+                                                                               (int64_t)gw * P.gs[2] +
+                                                                               (int64_t)(l - 1) * P.gs[3]]);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] = fmaf(gq, d[i], v[i]);
+            store8<float>(static_cast<float*>(P.dx_out), pos * P.C + c0, nvalid, ovec, v);
+          } else {
+            store8<T>(static_cast<T*>(P.dx_out), pos * P.C + c0, nvalid, ovec, v);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // weight-gradient partial of the slot: tap (dy, dx) = sum_n D_dy[n + dx][n]
+  {
+    float* S = reinterpret_cast<float*>(Xw);  // K * 128 floats (the host sizes the x plane for it)
+#pragma unroll
+    for (int dy = 0; dy < K; ++dy)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) S[dy * 128 + (g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = D[dy][i];
+    __syncwarp();
+#pragma unroll 1
+    for (int q = lane; q < K * K; q += 32) {
+      const int dy = q / K, dx = q - dy * K;
+      float s = 0.f;
+#pragma unroll
+      for (int n = 0; n < 8; ++n) s += S[dy * 128 + (n + dx) * 8 + n];
+      if (warp < nvalid) P.gw_part[((int64_t)slot * K * K + q) * P.C + c0 + warp] = s;
+    }
+  }
+}
+
+}  // namespace fcc
+}  // namespace focalnet
