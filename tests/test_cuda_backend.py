@@ -135,7 +135,8 @@ def test_other_kernel_sizes(ks):
 @pytest.mark.parametrize("layout,gout_layout", [("slice", "contig"), ("chfirst", "chfirst"), ("offset1", "slice"),
                                                 ("bcast", "contig")])
 def test_strided_views(layout, gout_layout, dtype):
-    run_and_check(2, 13, 17, 96, kernel_sizes(3, 3), dtype, normalize=True, layout=layout, gout_layout=gout_layout)
+    # C = 40: five channel blocks (the emulator's cost grows with C; CI runs this test there)
+    run_and_check(2, 13, 17, 40, kernel_sizes(3, 3), dtype, normalize=True, layout=layout, gout_layout=gout_layout)
     run_and_check(1, 7, 9, 20, kernel_sizes(2, 9), dtype, normalize=False, layout=layout, gout_layout=gout_layout)
 
 
