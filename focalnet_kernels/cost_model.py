@@ -1564,7 +1564,20 @@ def cuda_cubin(root=None):
     with open(path + ".tmp", "w") as f:
         json.dump(out, f)
     os.replace(path + ".tmp", path)
+    _prune_cache(d, keep=4)
     return out
+
+
+def _prune_cache(d, keep):
+    """Removes all but the `keep` newest entries of a cache directory (one CUDA cubin entry is
+    ~130 MB of SASS text, and every source edit adds one)."""
+    entries = sorted((os.path.join(d, n) for n in os.listdir(d) if n.endswith(".json")),
+                     key=os.path.getmtime, reverse=True)
+    for p in entries[keep:]:
+        try:
+            os.remove(p)
+        except OSError:
+            pass
 
 
 def _cuda_fn_name(sass, *parts):
