@@ -1491,9 +1491,7 @@ _CUDA_TRIPS = [
     (r"t = 0; t < ntiles", lambda ns: ns["ntiles"]),
     (r"idx < n; idx \+= \(int64_t\)gridDim.x \* NT", lambda ns: ns["grid_trips"]),
     # tensor-core backward level kernel (fc_bwd_mma.cuh)
-    (r"tt = slot; tt < total; tt \+= P.nslots", lambda ns: ns["lv_tiles"]),
-    (r"r = warp; r < P.xrows; r \+= NWARP", lambda ns: ns["xrows"] / _NWARP),
-    (r"s = 2 \* lane; s < xp; s \+= 64", lambda ns: _cdiv(ns["xp"], 64)),
+    (r"tt = slot; tt < total; tt \+= \(unsigned\)P.nslots", lambda ns: ns["lv_tiles"]),
     (r"r = warp; r < zr; r \+= NWARP", lambda ns: ns["zr"] / _NWARP),
     (r"s = lane; s < zc; s \+= 32", lambda ns: _cdiv(ns["zc"], 32)),
     (r"sr = 0; sr < P.nrowZ", lambda ns: ns["nrowZ"]),
@@ -1511,7 +1509,7 @@ _CUDA_TRIPS = [
     (r"t = 0; t < nchunk", lambda ns: ns["nchunk"]),
     (r"cb = 0; cb < cblocks", lambda ns: ns["cblocks"]),
     (r"sl = 0; sl < nslots", lambda ns: ns["nslots"]),
-    (r"t = slot; t < total; t \+= P.nslots", lambda ns: ns["lv_tiles"]),
+    (r"t = slot; t < total; t \+= \(unsigned\)P.nslots", lambda ns: ns["lv_tiles"]),
     (r"idx = tid; idx < KK \* CB; idx \+= NT", lambda ns: ns["kk"] * _CB / _NT),
     (r"idx = tid; idx < zr \* zc; idx \+= NT", lambda ns: ns["zrzc"] / _NT),
     (r"pos = tid; pos < TH \* TW; pos \+= NT", lambda ns: ns["thtw"] / _NT),
@@ -1525,6 +1523,16 @@ _CUDA_TRIPS = [
 _CUDA_UNROLL_UNIT = [
     (r"s = 0; s < nc; \+\+s", lambda ns: ns["kunit"]),   # the backward's weight-gradient row: K FFMA
 ]
+
+
+_WARNED = set()
+
+
+def _warn_once(msg):
+    """To stderr, once per message (the CLI's JSON on stdout stays parseable)."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        print(f"cost_model: WARNING: {msg}", file=sys.stderr)
 
 
 def _cuda_compile_dir():
@@ -1589,8 +1597,9 @@ def _cuda_fn_name(sass, *parts):
 
 
 def _cuda_analyze(cub, name, ns, prefer_width=None):
-    """Counts per block of one CUDA kernel: SASS loops -> innermost enclosing C++ `for` (line
-    info, the same enclosure rule as for Triton) -> trips from _CUDA_TRIPS.  Sibling loops of one
+    """Counts per block of one CUDA kernel: SASS loops -> C++ `for` (the header line of the loop's
+    backward branch when it is one; else the innermost enclosing `for` of its instructions' line info,
+    the same enclosure rule as for Triton) -> trips from _CUDA_TRIPS.  Sibling loops of one
     header that is not the level loop are run-time alternatives (template instances, unswitched
     vector/scalar paths): only the one whose global loads have `prefer_width` bytes counts."""
     instrs = parse_sass(cub["sass"], name)
@@ -1612,8 +1621,16 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
             i, d = loops[i].parent, d + 1
         return d
 
+    byaddr = {x.addr: x for x in instrs}
     for idx in sorted(range(len(loops)), key=lambda i: -depth(i)):
         lp = loops[idx]
+        # the backward branch carries the line of the `for` it closes (its condition): decisive where
+        # loop-invariant code hoisted into a loop outvotes the header (a per-tile block of code in an
+        # inner loop's region once made that inner loop the tile loop, and the tile loop sourceless)
+        be = byaddr.get(lp.end)
+        if be is not None and (fkey(be), be.line) in fors:
+            lp.source = (fkey(be), be.line)
+            continue
         kids = [loops[c].source for c in lp.children if loops[c].source]
         votes = collections.Counter()
         for x in _own(instrs, loops, idx):
@@ -1643,6 +1660,9 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
                 lp.trips = float(fn(ns))
                 lp.how = f"{lp.source[0]}:{lp.source[1]} {hdr} = {lp.trips:.3g}"
                 break
+        else:
+            _warn_once(f"{name}: {lp.how} (a loop header without a rule in _CUDA_TRIPS: the prediction "
+                       "undercounts it)")
     # conv item loops of the fused forward: per level one loop per strip length (FV, FV_SHORT;
     # the planner's vmask picks one at run time), in level order; the one with more FFMA per trip
     # is the FV strip. ns["levels"]: [(items with FV strips, items with FV_SHORT strips, V picked)]
@@ -1765,12 +1785,18 @@ def _fused_seg_launch(cub, tname, g, B, C):
     return name, blocks, ns
 
 
+def _xmap_esize(dtype):
+    """Bytes per element of the CUDA workspace's level maps x_1 .. x_{L-1} (WsT<T> in fc_device.cuh)."""
+    return 2 if dtype == "bfloat16" else 4
+
+
 def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
     """The backward's launches (run_bwd): recompute x_1 .. x_{L-1}, prep + dpool, the per-level kernels
     l = L-1 .. 0, the gate and weight-gradient reductions."""
     B, H, W, C = shape
     L = len(ks)
     es = _ESIZE[dtype]
+    xm_es = _xmap_esize(dtype)
     npix = B * H * W
     cbl = _cdiv(C, _CB)
     gate = _gate_bytes_per_pixel(L, es)
@@ -1778,14 +1804,14 @@ def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
     times = []
     mp = plan["mma"]
     if mp is not None:
-        times.append(_mma_launch(cub, tname, shape, ks, mp, True, npix * (C * es + (L - 1) * C * 4), vec))
+        times.append(_mma_launch(cub, tname, shape, ks, mp, True, npix * (C * es + (L - 1) * C * xm_es), vec))
     for g in plan["segs"]:
-        src_es = es if g["l0"] == 0 else 4
+        src_es = es if g["l0"] == 0 else xm_es
         name, blocks, ns = _fused_seg_launch(cub, tname, g, B, C)
         if mp is not None:
             times.append(_gated_launch(cub, name, blocks, g))
             continue
-        hbm = npix * (C * src_es + len(g["ks"]) * C * 4)
+        hbm = npix * (C * src_es + len(g["ks"]) * C * xm_es)
         times.append(_cuda_launch_time(cub, name, _NWARP, g["smem"], blocks, ns, hbm,
                                        16 if (vec or g["l0"] > 0) else src_es))
     nch = plan["nchunk"]
@@ -1810,7 +1836,7 @@ def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
               "nitems": [_cdiv(TH + 2 * p, _GPW) * _cdiv(TW + 2 * p, V), _cdiv(TH, _GPW) * _cdiv(TW, V)],
               "wrows": TH / g["NP"], "wcols": TW, "kunit": k, "np": g["NP"], "grid_trips": 1.0,
               "config": f"level {l} k={k}: {TH}x{TW} tile, {g['nslots']} slots"}
-        x_es = es if l == 0 else 4
+        x_es = es if l == 0 else xm_es
         dx_in = C * es + gate if l == L - 1 else C * 4
         dx_out = C * es if l == 0 else C * 4
         # gate partials gg[cb][l][pos]: 4 bytes per position and channel block, full sectors
@@ -1818,8 +1844,9 @@ def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
         m = plan["lvm"][l]
         if m is not None:
             # the tensor-core level kernel; the FMA one behind it only tests its flag
-            mname = _cuda_fn_name(cub["sass"], "fc_bwd_level_mma_kernel" + f"ILi{k}E")
-            mns = {"lv_tiles": B * m["ntiles"] / m["nslots"], "xrows": m["xrows"], "xp": m["xp"],
+            role = 0 if l == 0 else (2 if l == L - 1 else 1)   # LevelRole: first, middle, last
+            mname = _cuda_fn_name(cub["sass"], "fc_bwd_level_mma_kernel" + f"ILi{k}ELi{role}E")
+            mns = {"lv_tiles": B * m["ntiles"] / m["nslots"], "mma_stage": (m["xrows"], m["xp"]),
                    "zr": m["nrows"], "zc": m["np"], "nrowZ": m["nrowZ"], "ncolZ": m["ncolZ"],
                    "nrowT": m["nrowT"], "ncolT": m["ncolT"], "ncolE": m["ncolE"], "TH": m["TH"], "TW": m["TW"],
                    "kk": k * k, "grid_trips": 1.0,
@@ -1866,7 +1893,7 @@ def _cuda_predict(direction, shape, ks, dtype):
         times.append(_mma_launch(cub, tname, shape, ks, mp, False, hbm, vec))
     for g in segs:
         name, blocks, ns = _fused_seg_launch(cub, tname, g, B, C)
-        src_es = es if g["l0"] == 0 else 4
+        src_es = es if g["l0"] == 0 else _xmap_esize(dtype)
         hbm = npix * (C * src_es + _gate_bytes_per_pixel(L, es) + C * es) + B * g["ntiles"] * C * 4
         width = 16 if (vec or g["l0"] > 0) else src_es
         if mp is not None:

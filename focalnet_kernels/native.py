@@ -156,17 +156,20 @@ class _DeviceGuard:
 def cuda_fwd_plan(ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor], normalize: bool) -> str:
     """The CUDA forward's main kernel for these inputs: "mma THxTW" (the tensor-core forward, fp16/bf16
     SRF/LRF; FOCALNET_CUDA_MMA=0 turns it off) or "fma" (fc_fused_kernel). Tests use it to know which ran."""
-    _check(ctx, gates, weights)
-    mod = _require_ext("cuda")
-    return str(mod.focal_context_fwd_plan_cuda(_base_args(mod, ctx, gates, _weights_f32(weights), normalize)))
+    return _cuda_plan("fwd", ctx, gates, weights, normalize)
 
 
 def cuda_bwd_plan(ctx: torch.Tensor, gates: torch.Tensor, weights: Sequence[torch.Tensor], normalize: bool) -> str:
     """The CUDA backward's plan for these inputs: recompute tiles and, per level, kernel size, tile and
     slots (what focalnet_kernels.cost_model.cuda_plan_bwd mirrors)."""
+    return _cuda_plan("bwd", ctx, gates, weights, normalize)
+
+
+def _cuda_plan(direction: str, ctx, gates, weights, normalize) -> str:
     _check(ctx, gates, weights)
     mod = _require_ext("cuda")
-    return str(mod.focal_context_bwd_plan_cuda(_base_args(mod, ctx, gates, _weights_f32(weights), normalize)))
+    planner = getattr(mod, f"focal_context_{direction}_plan_cuda")
+    return str(planner(_base_args(mod, ctx, gates, _weights_f32(weights), normalize)))
 
 
 def focal_context_fwd_native(

@@ -255,6 +255,33 @@ def test_tensor_core_backward_falls_back(case):
             assert rel_err(g, rf) < TOL[dtype], name
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tensor_core_recompute_runs(dtype, monkeypatch):
+    """The backward's recompute of x_1 .. x_{L-1} on the tensor-core forward kernel (REC) gives its own
+    results, not those of the FMA segments launched behind it as its fallback: with the level kernels on
+    FMA in both runs (FOCALNET_CUDA_MMA_BWD=0), the gradients with the recompute on tensor cores differ
+    from those with everything on FMA (FOCALNET_CUDA_MMA=0), and both are within tolerance of fp64."""
+    nat = _native()
+    B, H, W, C, ks = 2, 13, 11, 16, [3, 5, 7]
+    ctx, gates, weights = make_inputs(B, H, W, C, ks, dtype, "slice", seed=41)
+    gout = make_grad_out(B, H, W, C, dtype, seed=42)
+    r = reference(ctx, gates, weights, True, gout)
+    _, pooled = nat.focal_context_fwd_native(ctx, gates, weights, True)
+    monkeypatch.setenv("FOCALNET_CUDA_MMA_BWD", "0")
+    res = {}
+    for mma in ("1", "0"):
+        monkeypatch.setenv("FOCALNET_CUDA_MMA", mma)
+        plan = nat.cuda_bwd_plan(ctx, gates, weights, True)
+        assert plan.startswith("recompute mma ") == (mma == "1") and plan.count(" mma ") == (mma == "1"), plan
+        grads = nat.focal_context_bwd_native(gout, ctx, gates, weights, pooled, True)
+        gctx, ggates, gw = grads
+        errs = {"grad_ctx": rel_err(gctx, r["grad_ctx"]), "grad_gates": rel_err(ggates, r["grad_gates"])}
+        errs.update({f"grad_w{i}": rel_err(gw[i], r["grad_w"][i]) for i in range(len(ks))})
+        assert all(v < TOL[dtype] for v in errs.values()), (mma, errs)
+        res[mma] = [gctx, ggates] + list(gw)
+    assert not all(torch.equal(a, b) for a, b in zip(res["1"], res["0"])), "REC gave the FMA recompute's results"
+
+
 def test_tensor_core_switch_rejects_other_values(monkeypatch):
     nat = _native()
     ctx, gates, weights = make_inputs(1, 5, 6, 8, [3, 5], torch.bfloat16, seed=2)

@@ -46,32 +46,15 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&a)[4], const void* p) {
 }
 #endif
 
-struct LevelMmaParams {
-  int64_t B, H, W, C;
-  int L, l;
+struct LevelMmaParams : LevelIO {                   // LevelIO: the FMA level kernel's inputs and outputs
   int TH, TW, ntw, ntiles, cblocks, nslots;
   int nrowZ, ncolZ, nrowT, ncolT, ncolE;  // subtiles of z (tile + p), of dx (tile); column blocks of (e)
-  int xrows, xp, drows, dp, nrows, np;    // plane rows and pitches (elements)
+  int xrows, xp, dp, np;                  // plane rows and pitches (elements)
   int offX, offDh, offDl, offN;           // bytes; warp w's planes at + w * plane*
   int planeX, planeD, planeN;             // bytes per warp
-  const void* xsrc;                       // x_l: ctx (bf16, any strides) or the fp32 workspace map
-  int64_t xs[4];
-  int x_is_f32, x_vec, x_vec8;
-  const float* dx_in;                     // dx_{l+1} (fp32 contiguous) for l < L-1
-  int ws_vec;
-  const void* dout;
-  int64_t ds[4];
-  int dout_vec;
-  const void* gates;
-  int64_t gs[4];
-  const float* dpool;                     // [B][C], already divided by H*W
-  void* dx_out;                           // l == 0: grad_ctx (bf16, contiguous); else fp32 workspace map
-  int out_vec;
-  float* gg;
-  float* gw_part;
+  int x_vec8;                             // x_l is ctx with 8-byte aligned 4-channel groups
   const uint32_t* frag;                   // fc_bwd_mma_bfrag_kernel: [C][32][2 * K * NS * 2]
   int* flag;
-  float scale;
 };
 
 // B fragments of one level for the backward: per channel and lane, for dy = 0..K-1 the forward's words
@@ -102,31 +85,6 @@ __global__ void __launch_bounds__(NT) fc_bwd_mma_bfrag_kernel(const float* __res
   if (bad) *flag = 1;
 }
 
-// 8 channels of one position as 4 words of bf16 pairs (channels 2i, 2i+1), 0 outside the image.
-__device__ __forceinline__ void bl_load8(uint32_t (&q)[4], const LevelMmaParams& P, int64_t b, int64_t c0, int gh,
-                                         int gw, int nvalid, bool in) {
-  const __nv_bfloat16* tag = nullptr;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) q[i] = 0u;
-  if (!in) return;
-  if (P.x_is_f32) {
-    float v[8];
-    load8<float>(static_cast<const float*>(P.xsrc), ((b * P.H + gh) * P.W + gw) * P.C + c0, 1, nvalid,
-                 P.x_vec && nvalid == CB, v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) q[i] = pack2(v[2 * i], v[2 * i + 1], tag);
-  } else {
-    const uint16_t* p = static_cast<const uint16_t*>(P.xsrc) + b * P.xs[0] + (int64_t)gh * P.xs[1] +
-                        (int64_t)gw * P.xs[2] + c0 * P.xs[3];
-    if (P.x_vec && nvalid == CB)
-      mma_load8<__nv_bfloat16, 2>(q, p, true, nvalid, P.xs[3]);
-    else if (P.x_vec8 && nvalid == CB)
-      mma_load8<__nv_bfloat16, 1>(q, p, true, nvalid, P.xs[3]);
-    else
-      mma_load8<__nv_bfloat16, 0>(q, p, true, nvalid, P.xs[3]);
-  }
-}
-
 // dz = value as bf16 hi + lo, two adjacent columns per word
 __device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t& lo) {
   const __nv_bfloat16* tag = nullptr;
@@ -135,9 +93,118 @@ __device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t&
   lo = pack2(a - h.x, b - h.y, tag);
 }
 
-template <int K>
+// The role of the level in the call decides where dx_{l+1} comes from (the last level: dout, the gate and
+// dpool; else the fp32 map) and where dx_l goes (level 0: grad_ctx in bf16; else the fp32 map, plus
+// scale * dout * g_{l-1}): compile-time, so that each instance carries only its own paths.
+enum LevelRole : int { kLvFirst = 0, kLvMid = 1, kLvLast = 2 };
+
+// N fragment words (N % 4 == 0) from 16-byte aligned global memory
+template <int N>
+__device__ __forceinline__ void load_words(uint32_t (&d)[N], const uint32_t* s) {
+  static_assert(N % 4 == 0, "whole 16-byte vectors");
+  FC_CHECK_ALIGN16(s);
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    const uint4 v = reinterpret_cast<const uint4*>(s)[i];
+    d[4 * i] = v.x;
+    d[4 * i + 1] = v.y;
+    d[4 * i + 2] = v.z;
+    d[4 * i + 3] = v.w;
+  }
+}
+
+// (2) of the level kernel: dx_{l+1} on zr x zc positions from image position (gh0, gw0) -> the 8 fp32
+// channel planes at n0 (pn floats per plane, np per row), 0 outside the image; rows by warp, columns by
+// lane. The last level's is scale * dout * g_{L-1} + dpool (dpl: dpool of the image's 8 channels), the
+// others' the fp32 map. VEC: 16-byte loads (the host's alignment flags, all 8 channels valid).
+template <int ROLE, bool VEC>
+__device__ __forceinline__ uint32_t stage_dx_next(const LevelMmaParams& P, float* n0, int pn, int np, int zr, int zc,
+                                                  int64_t b, int64_t c0, int gh0, int gw0, int nvalid,
+                                                  const float (&dpl)[8], int warp, int lane) {
+  using T = __nv_bfloat16;
+  const int H = (int)P.H, W = (int)P.W;
+  uint32_t nf = 0;
+#pragma unroll 1
+  for (int r = warp; r < zr; r += NWARP) {
+    const int gh = gh0 + r;
+    const bool rin = (unsigned)gh < (unsigned)H;
+#pragma unroll 1
+    for (int s = lane; s < zc; s += 32) {
+      const int gw = gw0 + s;
+      float v[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = 0.f;
+      if (rin && (unsigned)gw < (unsigned)W) {
+        if constexpr (ROLE == kLvLast) {
+          float d[8];
+          load8<T>(static_cast<const T*>(P.dout), b * P.ds[0] + (int64_t)gh * P.ds[1] + (int64_t)gw * P.ds[2] +
+                   c0 * P.ds[3], P.ds[3], nvalid, VEC, d);
+          const float gq = P.scale * to_f<T>(static_cast<const T*>(P.gates)[b * P.gs[0] + (int64_t)gh * P.gs[1] +
+                                                                             (int64_t)gw * P.gs[2] +
+                                                                             (int64_t)(P.L - 1) * P.gs[3]]);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] = (i < nvalid) ? fmaf(d[i], gq, dpl[i]) : 0.f;
+        } else {
+          load8<float>(P.dx_in, ((b * H + gh) * W + gw) * P.C + c0, 1, nvalid, VEC, v);
+        }
+      }
+      float* d = n0 + r * np + s;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        nf |= (fabsf(v[i]) <= 3.38953139e38f) ? 0u : 0x80000000u;
+        d[i * pn] = v[i];
+      }
+    }
+  }
+  return nf;
+}
+
+// (6) of the level kernel: per tile position, 8 channels: the gate partial sum_c dout * GELU(z) (n0 planes,
+// region origin p) and dx_l = (dx planes at o0) + scale * dout * g_{l-1} (fp32 map), or, level 0, grad_ctx.
+template <int ROLE, bool VEC>
+__device__ __forceinline__ void level_epilogue(const LevelMmaParams& P, const float* n0, int pn, int np, int p,
+                                               const float* o0, int po, int thl, int twl, int64_t b, int64_t c0,
+                                               int h0, int w0, int cb, int nvalid, int warp, int lane) {
+  using T = __nv_bfloat16;
+  const int H = (int)P.H, W = (int)P.W, TW = P.TW, l = P.l;
+  float* gg = P.gg + ((int64_t)cb * (P.L + 1) + l) * (P.B * P.H * P.W);
+#pragma unroll 1
+  for (int ti = warp; ti < thl; ti += NWARP) {
+    const int gh = h0 + ti;
+#pragma unroll 1
+    for (int tj = lane; tj < twl; tj += 32) {
+      const int gw = w0 + tj;
+      float d[8], v[8];
+      load8<T>(static_cast<const T*>(P.dout), b * P.ds[0] + (int64_t)gh * P.ds[1] + (int64_t)gw * P.ds[2] +
+               c0 * P.ds[3], P.ds[3], nvalid, VEC, d);
+      const float* nq = n0 + (ti + p) * np + tj + p;
+      const float* oq = o0 + ti * TW + tj;
+      float prod = 0.f;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        prod = fmaf(d[i], nq[i * pn], prod);
+        v[i] = oq[i * po];
+      }
+      const int64_t pos = ((int64_t)b * H + gh) * W + gw;
+      gg[pos] = prod;
+      if constexpr (ROLE != kLvFirst) {
+        const float gq = P.scale * to_f<T>(static_cast<const T*>(P.gates)[b * P.gs[0] + (int64_t)gh * P.gs[1] +
+                                                                           (int64_t)gw * P.gs[2] +
+                                                                           (int64_t)(l - 1) * P.gs[3]]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = fmaf(gq, d[i], v[i]);
+        store8<float>(static_cast<float*>(P.dx_out), pos * P.C + c0, nvalid, VEC, v);
+      } else {
+        store8<T>(static_cast<T*>(P.dx_out), pos * P.C + c0, nvalid, VEC, v);
+      }
+    }
+  }
+}
+
+template <int K, int ROLE>
 __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const LevelMmaParams P) {
   using T = __nv_bfloat16;
+  static_assert(std::is_same<WsT<T>, T>::value, "x_l is bf16 whether it is ctx or a workspace level map");
   constexpr int p = K / 2;
   constexpr int NS = MmaT<T>::NS;
   constexpr int NWD = K * NS * 2;  // fragment words per direction
@@ -149,8 +216,7 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
   const int slot = (int)(blockIdx.x / (unsigned)P.cblocks);
   const int64_t c0 = (int64_t)cb * CB;
   const int nvalid = (int)((P.C - c0) < CB ? (P.C - c0) : CB);
-  const int H = (int)P.H, W = (int)P.W, TH = P.TH, TW = P.TW, l = P.l, L = P.L;
-  const int64_t BHW = P.B * P.H * P.W;
+  const int H = (int)P.H, W = (int)P.W, TH = P.TH, TW = P.TW;
   T* Xw = reinterpret_cast<T*>(sm + P.offX + warp * P.planeX);
   T* Dh = reinterpret_cast<T*>(sm + P.offDh + warp * P.planeD);
   T* Dl = reinterpret_cast<T*>(sm + P.offDl + warp * P.planeD);
@@ -165,64 +231,49 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
 #pragma unroll
     for (int i = 0; i < 4; ++i) D[dy][i] = 0.f;
 
-  const int64_t total = P.B * P.ntiles;
-  for (int64_t tt = slot; tt < total; tt += P.nslots) {
-    const int64_t b = tt / P.ntiles;
-    const int tile = (int)(tt - b * P.ntiles);
-    const int h0 = (tile / P.ntw) * TH, w0 = (tile % P.ntw) * TW;
+  const unsigned total = (unsigned)(P.B * P.ntiles);
+  for (unsigned tt = slot; tt < total; tt += (unsigned)P.nslots) {
+    const TileAt at = level_tile(tt, (unsigned)P.ntiles, P.ntw, TH, TW);
+    const int64_t b = at.b;
+    const int h0 = at.h0, w0 = at.w0;
     const int thl = min(TH, H - h0), twl = min(TW, W - w0);
     __syncthreads();  // the previous tile is done with shared memory
 
-    // (1) x_l on the x plane: rows by warp, column pairs by lane, 8 channel planes per position pair
-#pragma unroll 1
-    for (int r = warp; r < P.xrows; r += NWARP) {
-      const int gh = h0 - 2 * p + r;
-      const bool rin = (unsigned)gh < (unsigned)H;
-#pragma unroll 1
-      for (int s = 2 * lane; s < xp; s += 64) {
-        const int gw = w0 - 2 * p + s;
-        uint32_t qa[4], qb[4];
-        bl_load8(qa, P, b, c0, gh, gw, nvalid, rin && (unsigned)gw < (unsigned)W);
-        bl_load8(qb, P, b, c0, gh, gw + 1, nvalid, rin && (unsigned)(gw + 1) < (unsigned)W);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          nf |= nonfinite2<T>(qa[i]) | nonfinite2<T>(qb[i]);
-          uint32_t* d0 = reinterpret_cast<uint32_t*>(sm + P.offX + (2 * i) * P.planeX) + (r * xp + s) / 2;
-          uint32_t* d1 = reinterpret_cast<uint32_t*>(sm + P.offX + (2 * i + 1) * P.planeX) + (r * xp + s) / 2;
-          *d0 = __byte_perm(qa[i], qb[i], 0x5410);
-          *d1 = __byte_perm(qa[i], qb[i], 0x7632);
-        }
-      }
+    // (1) x_l (ctx or the level map, bf16) on tile + 2p -> the 8 channel planes of the x plane
+    {
+      uint16_t* s0 = reinterpret_cast<uint16_t*>(sm + P.offX);
+      const uint16_t* base = static_cast<const uint16_t*>(P.xsrc) + b * P.xs[0] + c0 * P.xs[3];
+      const int gh0 = h0 - 2 * p, gw0 = w0 - 2 * p, pl = P.planeX / 2;
+      if (P.x_vec && nvalid == CB)
+        nf |= stage_planes<T, 2>(s0, pl, xp, P.xrows, xp, base, P.xs[1], P.xs[2], P.xs[3], gh0, gw0, H, W, nvalid,
+                                 warp, lane);
+      else if (P.x_vec8 && nvalid == CB)
+        nf |= stage_planes<T, 1>(s0, pl, xp, P.xrows, xp, base, P.xs[1], P.xs[2], P.xs[3], gh0, gw0, H, W, nvalid,
+                                 warp, lane);
+      else
+        nf |= stage_planes<T, 0>(s0, pl, xp, P.xrows, xp, base, P.xs[1], P.xs[2], P.xs[3], gh0, gw0, H, W, nvalid,
+                                 warp, lane);
     }
     // (2) dx_{l+1} on the region tile + p (fp32 planes), 0 outside the image
     {
-      const int zr = TH + 2 * p, zc = TW + 2 * p;
-      const bool dvec = P.dout_vec && nvalid == CB;
-      const bool wvec = P.ws_vec && nvalid == CB;
-#pragma unroll 1
-      for (int r = warp; r < zr; r += NWARP) {
-        const int gh = h0 - p + r;
-#pragma unroll 1
-        for (int s = lane; s < zc; s += 32) {
-          const int gw = w0 - p + s;
-          float v[8];
-          load_dx_next8<T>(P, b, c0, gh, gw, nvalid, dvec, wvec, v);
+      float dpl[8];  // the last level: dpool of the image's 8 channels
 #pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            nf |= (fabsf(v[i]) <= 3.38953139e38f) ? 0u : 0x80000000u;
-            reinterpret_cast<float*>(sm + P.offN + i * P.planeN)[r * np + s] = v[i];
-          }
-        }
-      }
+      for (int i = 0; i < 8; ++i) dpl[i] = (ROLE == kLvLast && i < nvalid) ? P.dpool[b * P.C + c0 + i] : 0.f;
+      float* n0 = reinterpret_cast<float*>(sm + P.offN);
+      const bool vec = (ROLE == kLvLast ? P.dout_vec : P.ws_vec) && nvalid == CB;
+      if (vec)
+        nf |= stage_dx_next<ROLE, true>(P, n0, P.planeN / 4, np, TH + 2 * p, TW + 2 * p, b, c0, h0 - p, w0 - p, nvalid,
+                                        dpl, warp, lane);
+      else
+        nf |= stage_dx_next<ROLE, false>(P, n0, P.planeN / 4, np, TH + 2 * p, TW + 2 * p, b, c0, h0 - p, w0 - p,
+                                         nvalid, dpl, warp, lane);
     }
     __syncthreads();
 
     // (3) z on the region, GELU / GELU', dz -> dz planes; GELU(z) at the tile positions -> n plane
     {
-      const uint32_t* bfn = fr;
       uint32_t bf[NWD];
-#pragma unroll
-      for (int i = 0; i < NWD; ++i) bf[i] = bfn[i];
+      load_words<NWD>(bf, fr);
       const int zr = TH + 2 * p, zc = TW + 2 * p;
       // rows / columns of the region inside the image: [lo, hi)
       const int rlo = max(0, p - h0), rhi = min(zr, H - h0 + p);
@@ -293,10 +344,8 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
 
     // (5) dx_l on the tile: A = dz hi / lo rows 16 fr + a .., B = the flipped kernel's hi / lo
     {
-      const uint32_t* bff = fr + NWD;
       uint32_t bf[NWD];
-#pragma unroll
-      for (int i = 0; i < NWD; ++i) bf[i] = bff[i];
+      load_words<NWD>(bf, fr + NWD);
       const int mi = lane >> 3;
 #pragma unroll 1
       for (int fr2 = 0; fr2 < P.nrowT; ++fr2) {
@@ -327,37 +376,14 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
 
     // (6) per tile position, 8 channels: gate partial and dx_l (+ scale * dout * g_{l-1})
     {
-      const bool dvec = P.dout_vec && nvalid == CB;
-      const bool ovec = P.out_vec && nvalid == CB;
-#pragma unroll 1
-      for (int ti = warp; ti < thl; ti += NWARP) {
-        const int gh = h0 + ti;
-#pragma unroll 1
-        for (int tj = lane; tj < twl; tj += 32) {
-          const int gw = w0 + tj;
-          float d[8], v[8];
-          load8<T>(static_cast<const T*>(P.dout), b * P.ds[0] + (int64_t)gh * P.ds[1] + (int64_t)gw * P.ds[2] +
-                   c0 * P.ds[3], P.ds[3], nvalid, dvec, d);
-          float prod = 0.f;
-#pragma unroll
-          for (int i = 0; i < 8; ++i) {
-            prod = fmaf(d[i], reinterpret_cast<const float*>(sm + P.offN + i * P.planeN)[(ti + p) * np + tj + p], prod);
-            v[i] = reinterpret_cast<const float*>(sm + P.offX + i * P.planeX)[ti * TW + tj];
-          }
-          const int64_t pos = ((int64_t)b * H + gh) * W + gw;
-          P.gg[((int64_t)cb * (L + 1) + l) * BHW + pos] = prod;
-          if (l > 0) {
-            const float gq = P.scale * to_f<T>(static_cast<const T*>(P.gates)[b * P.gs[0] + (int64_t)gh * P.gs[1] +
-                                                                               (int64_t)gw * P.gs[2] +
-                                                                               (int64_t)(l - 1) * P.gs[3]]);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) v[i] = fmaf(gq, d[i], v[i]);
-            store8<float>(static_cast<float*>(P.dx_out), pos * P.C + c0, nvalid, ovec, v);
-          } else {
-            store8<T>(static_cast<T*>(P.dx_out), pos * P.C + c0, nvalid, ovec, v);
-          }
-        }
-      }
+      const float* n0 = reinterpret_cast<const float*>(sm + P.offN);
+      const float* o0 = reinterpret_cast<const float*>(sm + P.offX);
+      if (P.dout_vec && P.out_vec && nvalid == CB)
+        level_epilogue<ROLE, true>(P, n0, P.planeN / 4, np, p, o0, P.planeX / 4, thl, twl, b, c0, h0, w0, cb, nvalid,
+                                   warp, lane);
+      else
+        level_epilogue<ROLE, false>(P, n0, P.planeN / 4, np, p, o0, P.planeX / 4, thl, twl, b, c0, h0, w0, cb, nvalid,
+                                    warp, lane);
     }
   }
   __syncthreads();

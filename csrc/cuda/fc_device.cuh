@@ -123,6 +123,14 @@ template <> __device__ __forceinline__ float from_f<float>(float v) { return v; 
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// Element type of the level maps x_1 .. x_{L-1} the workspace holds between launches (the backward's
+// recompute -> its level kernels; one forward segment -> the next): bf16 for bf16 calls (half the bytes;
+// bf16 has fp32's range, and the tensor-core path's levels are bf16 values already), fp32 otherwise
+// (fp16 would overflow past 65504 where the reference and the FMA kernels stay finite).
+template <typename T> struct WsTrait { using type = float; };
+template <> struct WsTrait<__nv_bfloat16> { using type = __nv_bfloat16; };
+template <typename T> using WsT = typename WsTrait<T>::type;
+
 __device__ __forceinline__ float2 unpack2(uint32_t u, const __half*) {
   __half2 h;
   memcpy(&h, &u, 4);

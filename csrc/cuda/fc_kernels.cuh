@@ -78,9 +78,9 @@ struct FusedParams {
   int pitch[5];      // pitch (positions) of the buffer holding x_{l0+j} (j = 0..nl), odd
   int TH, TW, accP, ntw, ntiles, cblocks;
   int offA, offB, offW[4], offG, offRed;   // shared-memory offsets in floats
-  const void* src;   // x_{l0}: ctx (dtype T, any strides) when src_is_f32 == 0, else fp32 workspace map
+  const void* src;   // x_{l0}: ctx (dtype T, any strides) when src_is_ws == 0, else a workspace level map
   int64_t ss[4];
-  int src_is_f32, src_vec;
+  int src_is_ws, src_vec;
   int src_vec8;      // 16-bit src: 8-byte loads of 4 channels are legal (when src_vec is not)
   const void* gates;
   int64_t gs[4];
@@ -88,8 +88,7 @@ struct FusedParams {
   int fwd;           // 1: forward (gated sum, out, pooled partials); 0: recompute (store levels only)
   int acc_in, final_out;
   float* acc_ws;     // fp32 contiguous B x H x W x C running gated sum (multi-segment forward)
-  int ws_vec;        // fp32 contiguous workspace maps allow 16-byte access (C % 4 == 0)
-  float* X[5];       // X[l]: fp32 contiguous map of level l (1 <= l <= L-1), where needed
+  void* X[5];        // X[l]: contiguous map of level l (1 <= l <= L-1) of WsT<T>, where needed
   int xmask;         // bit j: store x_{l0+j+1} into X[l0+j+1]
   int vmask;         // bit j: level j computes strips of FV_SHORT outputs (else FV)
   void* out;
@@ -234,14 +233,16 @@ struct TileSlots {
   int64_t g0, gstep;  // element offset (b, h0 + ti0, w0 + tj0, c0 + c) in a contiguous B,H,W,C map; per slot
 };
 
-// After level j: gated sum, pooled partial and workspace store at the thread's tile positions.
+// After level j: gated sum, pooled partial and workspace store (WT: the level maps' type) at the
+// thread's tile positions.
+template <typename WT>
 __device__ __forceinline__ void tile_pass(const FusedParams& P, const float* sm, int j, const TileSlots& S,
                                           bool cok, float (&acc)[PSLOTS], float& psum) {
   const int c = threadIdx.x & (CB - 1);
   const int gl = P.l0 + j;
   const bool fwd = P.fwd != 0;
   const bool last_global = fwd && (gl == P.L - 1);
-  float* Xo = ((P.xmask >> j) & 1) ? P.X[gl + 1] : nullptr;
+  WT* Xo = ((P.xmask >> j) & 1) ? static_cast<WT*>(P.X[gl + 1]) : nullptr;
   if (!fwd && Xo == nullptr) return;
   const int Ro = P.R[j + 1], dp = P.pitch[j + 1];
   const float* x = sm + ((j & 1) ? P.offA : P.offB) + ((S.ti0 + Ro) * dp + S.tj0 + Ro) * CB + c;
@@ -267,7 +268,7 @@ __device__ __forceinline__ void tile_pass(const FusedParams& P, const float* sm,
   if (Xo != nullptr && cok) {
 #pragma unroll
     for (int m = 0; m < PSLOTS; ++m)
-      if (m < S.nslot) Xo[S.g0 + m * S.gstep] = x[m * xstep];
+      if (m < S.nslot) Xo[S.g0 + m * S.gstep] = from_f<WT>(x[m * xstep]);
   }
 }
 
@@ -334,9 +335,10 @@ __global__ void __launch_bounds__(NT, 2) fc_fused_kernel(const FusedParams P) {
     const int R0 = P.R[0];
     const int rows = TH + 2 * R0, cols = TW + 2 * R0;
     const bool vec = P.src_vec && nvalid == CB;
-    if (P.src_is_f32)
-      stage_src<float, false>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0,
-                              static_cast<const float*>(P.src), P.ss, b, c0, nvalid, vec, H, W);
+    using WT = WsT<T>;
+    if (!std::is_same<WT, T>::value && P.src_is_ws)  // (a bf16 map is read as ctx is, below)
+      stage_src<WT, false>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0,
+                           static_cast<const WT*>(P.src), P.ss, b, c0, nvalid, vec, H, W);
     else if (sizeof(T) == 2 && !vec && P.src_vec8)
       stage_src<T, sizeof(T) == 2>(sm + P.offA, P.pitch[0], rows, cols, h0 - R0, w0 - R0,
                                    static_cast<const T*>(P.src), P.ss, b, c0, nvalid, vec, H, W);
@@ -360,22 +362,22 @@ __global__ void __launch_bounds__(NT, 2) fc_fused_kernel(const FusedParams P) {
   if constexpr (LC == 0) {
     for (int j = 0; j < nl; ++j) {
       fused_conv_level<KMAX_ALL, false>(P, sm, j, P.k[j], h0, w0);
-      tile_pass(P, sm, j, S, cok, acc, psum);
+      tile_pass<WsT<T>>(P, sm, j, S, cok, acc, psum);
     }
   } else {
     fused_conv_level<K0, true>(P, sm, 0, K0, h0, w0);
-    tile_pass(P, sm, 0, S, cok, acc, psum);
+    tile_pass<WsT<T>>(P, sm, 0, S, cok, acc, psum);
     if constexpr (LC > 1) {
       fused_conv_level<K1, true>(P, sm, 1, K1, h0, w0);
-      tile_pass(P, sm, 1, S, cok, acc, psum);
+      tile_pass<WsT<T>>(P, sm, 1, S, cok, acc, psum);
     }
     if constexpr (LC > 2) {
       fused_conv_level<K2, true>(P, sm, 2, K2, h0, w0);
-      tile_pass(P, sm, 2, S, cok, acc, psum);
+      tile_pass<WsT<T>>(P, sm, 2, S, cok, acc, psum);
     }
     if constexpr (LC > 3) {
       fused_conv_level<K3, true>(P, sm, 3, K3, h0, w0);
-      tile_pass(P, sm, 3, S, cok, acc, psum);
+      tile_pass<WsT<T>>(P, sm, 3, S, cok, acc, psum);
     }
   }
 
@@ -500,11 +502,12 @@ template <typename T, bool WIDE>
 __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
   FC_DYN_SMEM(red);  // CB floats of GELU(pooled), then NWARP * CB partial sums
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  int64_t bid = blockIdx.x;
-  const int cb = (int)(bid % P.cblocks);
-  bid /= P.cblocks;
-  const int64_t chunk = bid % P.nchunk;
-  const int64_t b = bid / P.nchunk;
+  // 32-bit block index math (a 64-bit division is a ~70-instruction subroutine): the grid is below 2^31
+  unsigned bid = blockIdx.x;
+  const int cb = (int)(bid % (unsigned)P.cblocks);
+  bid /= (unsigned)P.cblocks;
+  const int64_t chunk = bid % (unsigned)P.nchunk;
+  const int64_t b = bid / (unsigned)P.nchunk;
   const int64_t c0 = (int64_t)cb * CB;
   const int nvalid = (int)((P.C - c0) < CB ? (P.C - c0) : CB);
   const int64_t HW = P.H * P.W;
@@ -610,15 +613,14 @@ __global__ void __launch_bounds__(NT) fc_gw_finish_kernel(const float* __restric
 //   dx_l on tile = conv(dz_l, flipped w_l) (+ scale * dout * g_{l-1} for l > 0) -> workspace or grad_ctx
 // The weight-gradient partial of the slot is written once at the end: [slot][tap][C].
 // ==========================================================================================
-struct LevelBwdParams {
+// The inputs and outputs of level l's backward, shared by the FMA level kernel (LevelBwdParams) and the
+// tensor-core one (LevelMmaParams, fc_bwd_mma.cuh): the host fills them once for both launches.
+struct LevelIO {
   int64_t B, H, W, C;
   int L, l;
-  int TH, TW, accP, ntw, ntiles, cblocks, nslots;
-  int pX, pZ;
-  int offX, offZ, offW, offD, offGp;
-  const void* xsrc;  // x_l: ctx (T, any strides) when x_is_f32 == 0, else fp32 workspace map
+  const void* xsrc;  // x_l: ctx (T, any strides) when x_is_ws == 0, else the workspace's map (WsT<T>)
   int64_t xs[4];
-  int x_is_f32, x_vec;
+  int x_is_ws, x_vec;
   const float* dx_in;  // dx_{l+1} (fp32 contiguous) for l < L-1
   int ws_vec;
   const void* dout;
@@ -627,20 +629,40 @@ struct LevelBwdParams {
   const void* gates;
   int64_t gs[4];
   const float* dpool;  // [B][C], already divided by H*W
-  const float* w;      // [C][k][k]
-  void* dx_out;        // l == 0: grad_ctx (T, contiguous); else fp32 contiguous workspace map
+  void* dx_out;        // l == 0: grad_ctx (T, contiguous); else fp32 contiguous workspace map dx_l
   int out_vec;
   float* gg;
   float* gw_part;
   float scale;
+};
+
+struct LevelBwdParams : LevelIO {
+  int TH, TW, accP, ntw, ntiles, cblocks, nslots;
+  int pX, pZ;
+  int offX, offZ, offW, offD, offGp;
+  const float* w;      // [C][k][k]
   const int* run_if;  // non-null: the tensor-core level kernel's fallback; return unless *run_if
 };
 
+// Tile t (image-major, ntiles per image, ntw per tile row) of a level kernel's persistent loop: its image
+// and origin. 32-bit math (a 64-bit division is a ~70-instruction subroutine): the host keeps
+// B * ntiles below 2^31.
+struct TileAt {
+  int64_t b;
+  int h0, w0;
+};
+__device__ __forceinline__ TileAt level_tile(unsigned t, unsigned ntiles, int ntw, int TH, int TW) {
+  const unsigned bu = t / ntiles;
+  const int tile = (int)(t - bu * ntiles);
+  const int tr = (int)((unsigned)tile / (unsigned)ntw);
+  return {(int64_t)bu, tr * TH, (tile - tr * ntw) * TW};
+}
+
 // dx_{l+1} of 8 channels at image position (gh, gw) (0 outside the image): for the last level
-// scale * dout * g_{L-1} + dpool, else the fp32 workspace map (both level kernels' parameter blocks)
-template <typename T, class Params>
-__device__ __forceinline__ void load_dx_next8(const Params& P, int64_t b, int64_t c0, int gh, int gw, int nvalid,
-                                              bool dvec, bool wvec, float (&v)[8]) {
+// scale * dout * g_{L-1} + dpool, else the fp32 workspace map
+template <typename T>
+__device__ __forceinline__ void load_dx_next8(const LevelBwdParams& P, int64_t b, int64_t c0, int gh, int gw,
+                                              int nvalid, bool dvec, bool wvec, float (&v)[8]) {
   if (gh < 0 || gh >= P.H || gw < 0 || gw >= P.W) {
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = 0.f;
@@ -694,19 +716,20 @@ __global__ void __launch_bounds__(NT, 2) fc_bwd_level_kernel(const LevelBwdParam
 #pragma unroll
   for (int j = 0; j < K; ++j) gacc[j] = 0.0;
 
-  const int64_t total = P.B * P.ntiles;
-  for (int64_t t = slot; t < total; t += P.nslots) {
-    const int64_t b = t / P.ntiles;
-    const int tile = (int)(t - b * P.ntiles);
-    const int h0 = (tile / P.ntw) * TH, w0 = (tile % P.ntw) * TW;
+  const unsigned total = (unsigned)(P.B * P.ntiles);
+  for (unsigned t = slot; t < total; t += (unsigned)P.nslots) {
+    const TileAt at = level_tile(t, (unsigned)P.ntiles, P.ntw, TH, TW);
+    const int64_t b = at.b;
+    const int h0 = at.h0, w0 = at.w0;
     __syncthreads();  // the previous tile (and the weight staging) is done with shared memory
 
     // (a) x_l on tile + 2p
     {
       const bool vec = P.x_vec && nvalid == CB;
-      if (P.x_is_f32)
-        load_region<float>(Xs, P.pX, TH + 4 * p, TW + 4 * p, h0 - 2 * p, w0 - 2 * p,
-                           static_cast<const float*>(P.xsrc), P.xs, b, c0, nvalid, vec, H, W);
+      using WT = WsT<T>;
+      if (!std::is_same<WT, T>::value && P.x_is_ws)  // (a bf16 map is read as ctx is, below)
+        load_region<WT>(Xs, P.pX, TH + 4 * p, TW + 4 * p, h0 - 2 * p, w0 - 2 * p,
+                        static_cast<const WT*>(P.xsrc), P.xs, b, c0, nvalid, vec, H, W);
       else
         load_region<T>(Xs, P.pX, TH + 4 * p, TW + 4 * p, h0 - 2 * p, w0 - 2 * p, static_cast<const T*>(P.xsrc),
                        P.xs, b, c0, nvalid, vec, H, W);

@@ -67,8 +67,8 @@ struct MmaParams {
   float* pool_part;
   int* flag;
   float scale;
-  float* xws[2];      // recompute mode: x_1, x_2 (fp32 contiguous [B][H][W][C]) of the backward's workspace
-  int ws_vec;         // their 8-channel vectors are 16-byte aligned
+  void* xws[2];       // recompute mode: x_1, x_2 (WsT<T> contiguous [B][H][W][C]) of the backward's workspace
+  int xws_vec;        // their 8-channel vectors are 16-byte aligned
 };
 
 template <typename T> struct MmaT;
@@ -259,27 +259,30 @@ __device__ __forceinline__ void mma_load8(uint32_t (&q)[4], const uint16_t* p, b
   }
 }
 
+// rows x cols positions from image position (gh0, gw0) of the map at `base` (image and first channel;
+// strides cs1, cs2, cs3 in elements) -> the 8 channel planes at s0 (plane = 16-bit elements per
+// plane, pitch per row); returns the OR of nonfinite2 over the staged words. Both tensor-core
+// kernels stage their 16-bit input this way (the forward ctx, the backward's level input x_l).
 template <typename T, int MODE>
-__device__ __forceinline__ uint32_t mma_stage(const MmaParams& P, uint16_t* s0, int plane, const uint16_t* base,
-                                              int h0, int w0, int nvalid, int warp, int lane) {
-  const int rows = P.srows, cols = P.scols, pitch = P.pitch[0];
-  const int H = (int)P.H, W = (int)P.W;
+__device__ __forceinline__ uint32_t stage_planes(uint16_t* s0, int plane, int pitch, int rows, int cols,
+                                                 const uint16_t* base, int64_t cs1, int64_t cs2, int64_t cs3,
+                                                 int gh0, int gw0, int H, int W, int nvalid, int warp, int lane) {
   uint32_t nf = 0;
-  const int64_t cs1 = P.cs[1], cs2 = P.cs[2], step = 64 * cs2;
-  const uint16_t* colp = base + (int64_t)(w0 - P.H0 + 2 * lane) * cs2 + (int64_t)(h0 - P.H0 + warp) * cs1;
+  const int64_t step = 64 * cs2;
+  const uint16_t* colp = base + (int64_t)(gw0 + 2 * lane) * cs2 + (int64_t)(gh0 + warp) * cs1;
 #pragma unroll 1
   for (int r = warp; r < rows; r += NWARP) {
-    const int gh = h0 - P.H0 + r;
+    const int gh = gh0 + r;
     const bool rin = (unsigned)gh < (unsigned)H;
     uint32_t* d = reinterpret_cast<uint32_t*>(s0 + r * pitch);
     const uint16_t* p = colp;
     colp += NWARP * cs1;
 #pragma unroll 1
     for (int s = 2 * lane; s < cols; s += 64, p += step) {
-      const int gw = w0 - P.H0 + s;
+      const int gw = gw0 + s;
       uint32_t qa[4], qb[4];
-      mma_load8<T, MODE>(qa, p, rin && (unsigned)gw < (unsigned)W, nvalid, P.cs[3]);
-      mma_load8<T, MODE>(qb, p + cs2, rin && (unsigned)(gw + 1) < (unsigned)W, nvalid, P.cs[3]);
+      mma_load8<T, MODE>(qa, p, rin && (unsigned)gw < (unsigned)W, nvalid, cs3);
+      mma_load8<T, MODE>(qb, p + cs2, rin && (unsigned)(gw + 1) < (unsigned)W, nvalid, cs3);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         nf |= nonfinite2<T>(qa[i]) | nonfinite2<T>(qb[i]);
@@ -291,8 +294,15 @@ __device__ __forceinline__ uint32_t mma_stage(const MmaParams& P, uint16_t* s0, 
   return nf;
 }
 
+template <typename T, int MODE>
+__device__ __forceinline__ uint32_t mma_stage(const MmaParams& P, uint16_t* s0, int plane, const uint16_t* base,
+                                              int h0, int w0, int nvalid, int warp, int lane) {
+  return stage_planes<T, MODE>(s0, plane, P.pitch[0], P.srows, P.scols, base, P.cs[1], P.cs[2], P.cs[3],
+                               h0 - P.H0, w0 - P.H0, (int)P.H, (int)P.W, nvalid, warp, lane);
+}
+
 // REC (the backward's recompute): only the levels before the last, whose tile values (rounded to T, as
-// the forward used them) go to P.xws as fp32; no gates, output or pooled partials.
+// the forward used them) go to P.xws (WsT<T>: exact); no gates, output or pooled partials.
 template <typename T, int LC, int K0, int K1, int K2, bool REC>
 __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P, const uint32_t* __restrict__ frag,
                                                                int nwp) {
@@ -382,13 +392,14 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
   if constexpr (REC) {
     if ((nf & 0x80008000u) != 0u) *P.flag = 1;
     __syncthreads();
-    // x_1 (slot 1) and x_2 (slot 0, 3 levels) at the tile positions -> fp32 workspace, 8 channels per
-    // position (two 16-byte stores); rows by warp, columns by lane
+    // x_1 (slot 1) and x_2 (slot 0, 3 levels) at the tile positions -> workspace, 8 channels per
+    // position (one 16-byte store for bf16, two for fp32); rows by warp, columns by lane
     const T* tag = nullptr;
     const int pl1 = P.planeS[1] / 2, pl0 = P.planeS[0] / 2;
     const uint16_t* x1s = reinterpret_cast<const uint16_t*>(sm + P.offS[1]) + r1 * p1 + r1;
     const uint16_t* x2s = reinterpret_cast<const uint16_t*>(sm + P.offS[0]) + r2 * p2 + r2;
-    const bool wvec = P.ws_vec && nvalid == CB;
+    const bool wvec = P.xws_vec && nvalid == CB;
+    using WT = WsT<T>;
 #pragma unroll 1
     for (int ty = warp; ty < thl; ty += NWARP) {
       const int64_t row = (((int64_t)b * H + h0 + ty) * W + w0) * P.C + c0;
@@ -397,11 +408,11 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
         float v[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = unpack2((uint32_t)x1s[i * pl1 + ty * p1 + tx], tag).x;
-        store8<float>(P.xws[0], row + (int64_t)tx * P.C, nvalid, wvec, v);
+        store8<WT>(static_cast<WT*>(P.xws[0]), row + (int64_t)tx * P.C, nvalid, wvec, v);
         if constexpr (LC > 2) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) v[i] = unpack2((uint32_t)x2s[i * pl0 + ty * p2 + tx], tag).x;
-          store8<float>(P.xws[1], row + (int64_t)tx * P.C, nvalid, wvec, v);
+          store8<WT>(static_cast<WT*>(P.xws[1]), row + (int64_t)tx * P.C, nvalid, wvec, v);
         }
       }
     }

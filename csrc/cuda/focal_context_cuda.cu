@@ -7,7 +7,8 @@
 //    One fc_fused_kernel launch per segment stages the tile + halo of its input level in shared
 //    memory once and computes every level of the segment from shared memory on a shrinking
 //    region (zero padding of every level outside the image), accumulating the gated sum in fp32.
-//    Segment boundaries pass x_l and the running sum through fp32 workspace maps. The last
+//    Segment boundaries pass x_l (WsT<T>: bf16 for bf16 calls, else fp32) and the running sum (fp32)
+//    through workspace maps. The last
 //    segment writes out = s * local sum and per-tile pooled partials; fc_pool_finish_kernel
 //    reduces them in a fixed order, and fc_fwd_epilogue_kernel adds s * g_L * GELU(pooled) (skipped
 //    when the caller folds that rank-1 term into the h GEMM: FocalContextArgs::global_term).
@@ -18,7 +19,7 @@
 //    segments are still launched after it and run only when the flag is set (one int read per
 //    block otherwise), and fc_pool_finish_kernel takes the partials of whichever ran.
 //    FOCALNET_CUDA_MMA=0 turns the tensor-core path off.
-//  * Backward (staged per level, recomputing): x_1..x_{L-1} recomputed into the fp32 workspace by
+//  * Backward (staged per level, recomputing): x_1..x_{L-1} recomputed into workspace maps (WsT<T>) by
 //    the tensor-core kernel (REC instance: the levels before the last, rounded to T as the forward
 //    had them) where the forward uses it, with the fused segments behind it as the same flag-gated
 //    fallback; else by fc_fused_kernel; fc_bwd_prep_kernel (dpool and global-gate partials); then one
@@ -553,9 +554,22 @@ bool level_mma_geom(LevelMmaPlan& m, int k, int64_t H, int64_t W, int th, int tw
   return m.smem <= budget;
 }
 
-LevelMmaPlan plan_level_mma(const FocalContextArgs& a, int k) {
+// The instances of fc_bwd_level_mma_kernel<K, ROLE>: the levels of the tensor-core forward's shapes
+// (FC_MMA_SPECS: k = 3,5 and 3,5,7): k = 3 first, k = 5 middle or last, k = 7 last.
+using LevelMmaFn = void (*)(LevelMmaParams);
+LevelMmaFn level_mma_fn(int k, int l, int L) {
+  const int role = l == 0 ? kLvFirst : (l == L - 1 ? kLvLast : kLvMid);
+  if (k == 3 && role == kLvFirst) return &fc_bwd_level_mma_kernel<3, kLvFirst>;
+  if (k == 5 && role == kLvMid) return &fc_bwd_level_mma_kernel<5, kLvMid>;
+  if (k == 5 && role == kLvLast) return &fc_bwd_level_mma_kernel<5, kLvLast>;
+  if (k == 7 && role == kLvLast) return &fc_bwd_level_mma_kernel<7, kLvLast>;
+  return nullptr;
+}
+
+LevelMmaPlan plan_level_mma(const FocalContextArgs& a, int l) {
   LevelMmaPlan best;
-  if (a.dtype != kBFloat16 || (k != 3 && k != 5 && k != 7)) return best;
+  const int k = a.ksize[l];
+  if (a.dtype != kBFloat16 || level_mma_fn(k, l, a.L) == nullptr) return best;
   const int64_t budget = mma_smem_budget(a);
   for (int th : kLvMmaTH)
     for (int tw : kLvMmaTW) {
@@ -595,6 +609,20 @@ struct BwdPlan {
 };
 
 int64_t map_bytes(const FocalContextArgs& a) { return a.B * a.H * a.W * a.C * (int64_t)sizeof(float); }
+// The level maps x_1 .. x_{L-1} of the workspace hold WsT<T> (fc_device.cuh): bf16 for bf16 calls, else fp32.
+int xmap_elem(const FocalContextArgs& a) { return a.dtype == kBFloat16 ? 2 : 4; }
+int64_t xmap_bytes(const FocalContextArgs& a) { return a.B * a.H * a.W * a.C * (int64_t)xmap_elem(a); }
+// Their 8-channel vectors allow 16-byte access (xmap_vec), or two 8-byte ones (xmap_vec8, 16-bit maps).
+struct XmapVec {
+  bool v16, v8;
+};
+template <typename T>
+XmapVec xmap_vec(const FocalContextArgs& a) {
+  const int e = (int)sizeof(WsT<T>);
+  if (e != xmap_elem(a)) throw std::logic_error("focal_context_cuda: level-map element size mismatch");
+  const bool al = a.workspace % 16 == 0;
+  return {al && a.C % (16 / e) == 0, al && e == 2 && a.C % 4 == 0};
+}
 int64_t cblocks_of(const FocalContextArgs& a) { return cblocks_of(a.C); }
 
 // B-fragment words per lane and channel of the tensor-core kernel (fc_mma_bfrag_kernel)
@@ -619,7 +647,7 @@ FwdPlan plan_fwd(const FocalContextArgs& a) {
   pl.off_gp = lay.take(a.B * a.C * 4);
   if (pl.segs.size() > 1) {
     pl.off_acc = lay.take(map_bytes(a));
-    for (size_t i = 1; i < pl.segs.size(); ++i) pl.off_X[pl.segs[i].l0] = lay.take(map_bytes(a));
+    for (size_t i = 1; i < pl.segs.size(); ++i) pl.off_X[pl.segs[i].l0] = lay.take(xmap_bytes(a));
   }
   pl.bytes = lay.cur;
   return pl;
@@ -637,7 +665,7 @@ BwdPlan plan_bwd(const FocalContextArgs& a) {
       pl.off_frag = lay.take(a.C * 32 * (int64_t)pl.nwp * 4);
     }
     pl.segs = make_segments(a, 0, L - 1, false);
-    for (int l = 1; l <= L - 1; ++l) pl.off_X[l] = lay.take(map_bytes(a));
+    for (int l = 1; l <= L - 1; ++l) pl.off_X[l] = lay.take(xmap_bytes(a));
     pl.off_D[0] = lay.take(map_bytes(a));
     if (L >= 3) pl.off_D[1] = lay.take(map_bytes(a));
   }
@@ -666,7 +694,7 @@ BwdPlan plan_bwd(const FocalContextArgs& a) {
     g.nslots = (int)std::min<int64_t>(tiles, std::max<int64_t>(1, kTargetBlocks / cblocks));
     if (pl.mma.ok && mma_bwd_enabled()) {
       LevelMmaPlan& m = pl.lvm[l];
-      m = plan_level_mma(a, a.ksize[l]);
+      m = plan_level_mma(a, l);
       if (m.ok) {
         // the FMA kernel's slot count (any count is correct: a slot past the tiles writes zero partials),
         // so that fc_gw_finish_kernel reduces the same partials whichever of the two ran
@@ -842,7 +870,7 @@ void launch_fused(const FocalContextArgs& a, const Segment& s, FusedParams& P, b
 template <typename T>
 void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* pool_part, uint32_t* frag, int nwp,
                 bool ctx_vec, bool ctx_vec8, bool out_vec, float scale, cudaStream_t st,
-                float* const* xws = nullptr, bool ws_vec = false) {
+                void* const* xws = nullptr, bool xws_vec = false) {
   if constexpr (sizeof(T) == 2) {
     MmaParams P{};
     set_shape(P, a);
@@ -882,7 +910,7 @@ void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* p
     P.scale = scale;
     const bool rec = xws != nullptr;
     for (int j = 0; j < 2; ++j) P.xws[j] = (rec && j < a.L - 1) ? xws[j] : nullptr;
-    P.ws_vec = ws_vec;
+    P.xws_vec = xws_vec;
     std::string name = std::string("fc_mma_fwd_kernel<") + dtype_name<T>() + ", k=";
     for (int j = 0; j < a.L; ++j) name += (j ? "," : "") + std::to_string(a.ksize[j]);
     name += rec ? "> (backward recompute)" : ">";
@@ -908,18 +936,17 @@ void launch_mma(const FocalContextArgs& a, const MmaPlan& m, int* flag, float* p
 }
 
 // The inputs of one fused segment: level 0 reads ctx through its strides; a later segment reads
-// the fp32 level map x_{l0} that the previous segment left in the workspace (contiguous B,H,W,C);
+// the level map x_{l0} that the previous segment left in the workspace (WsT<T>, contiguous B,H,W,C);
 // the workspace maps X and the output scale are the same for every segment.
-static FusedParams segment_inputs(const FocalContextArgs& a, const Segment& s, float* const X[5],
-                                  bool ctx_vec, bool ctx_vec8, bool ws_vec, float scale) {
+static FusedParams segment_inputs(const FocalContextArgs& a, const Segment& s, void* const X[5],
+                                  bool ctx_vec, bool ctx_vec8, XmapVec xv, float scale) {
   FusedParams P{};
-  P.ws_vec = ws_vec;
   for (int l = 0; l < 5; ++l) P.X[l] = X[l];
   P.scale = scale;
   if (s.l0 == 0) {
     P.src = reinterpret_cast<const void*>(a.ctx);
     for (int d = 0; d < 4; ++d) P.ss[d] = a.ctx_stride[d];
-    P.src_is_f32 = 0;
+    P.src_is_ws = 0;
     P.src_vec = ctx_vec;
     P.src_vec8 = ctx_vec8;
   } else {
@@ -928,8 +955,9 @@ static FusedParams segment_inputs(const FocalContextArgs& a, const Segment& s, f
     P.ss[1] = a.W * a.C;
     P.ss[2] = a.C;
     P.ss[3] = 1;
-    P.src_is_f32 = 1;
-    P.src_vec = ws_vec;
+    P.src_is_ws = 1;
+    P.src_vec = xv.v16;
+    P.src_vec8 = xv.v8;
   }
   P.gates = reinterpret_cast<const void*>(a.gates);
   for (int d = 0; d < 4; ++d) P.gs[d] = a.gates_stride[d];
@@ -945,11 +973,11 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
   const int64_t sz[4] = {B, H, W, C};
   const bool ctx_vec = vec16(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
   const bool ctx_vec8 = vec8_16bit(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
-  const bool ws_vec = (C % 4 == 0) && (a.workspace % 16 == 0);
+  const XmapVec xv = xmap_vec<T>(a);
   const bool out_vec = (a.out % 16 == 0) && (C % (int64_t)(16 / sizeof(T)) == 0);
-  float* X[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  void* X[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
   for (int l = 0; l < 5; ++l)
-    if (pl.off_X[l] >= 0) X[l] = reinterpret_cast<float*>(ws + pl.off_X[l]);
+    if (pl.off_X[l] >= 0) X[l] = ws + pl.off_X[l];
   float* acc = pl.off_acc >= 0 ? reinterpret_cast<float*>(ws + pl.off_acc) : nullptr;
   float* pool_part = reinterpret_cast<float*>(ws + pl.off_pool);
   float* gp = reinterpret_cast<float*>(ws + pl.off_gp);
@@ -963,7 +991,7 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
                   ctx_vec8, out_vec, scale, st);
   }
   for (const Segment& s : pl.segs) {
-    FusedParams P = segment_inputs(a, s, X, ctx_vec, ctx_vec8, ws_vec, scale);
+    FusedParams P = segment_inputs(a, s, X, ctx_vec, ctx_vec8, xv, scale);
     P.run_if = flag;  // with the tensor-core forward: a fallback that runs only when it flagged
     const bool final_out = s.l0 + s.nl == L;
     P.acc_in = s.l0 > 0;
@@ -997,12 +1025,11 @@ void run_fwd(const FocalContextArgs& a, const FwdPlan& pl, cudaStream_t st) {
 // inputs and outputs; the weight fragments first (fc_bwd_mma_bfrag_kernel).
 template <typename T>
 void launch_level_mma(const FocalContextArgs& a, const LevelMmaPlan& m, const LevelBwdParams& F, int* flag,
-                      uint32_t* frag, bool ctx_vec8, cudaStream_t st) {
+                      uint32_t* frag, bool x_vec8, cudaStream_t st) {
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     const int k = m.k;
     LevelMmaParams Q{};
-    set_shape(Q, a);
-    Q.l = F.l;
+    static_cast<LevelIO&>(Q) = F;  // the inputs and outputs of the FMA kernel launched behind it
     Q.TH = m.TH;
     Q.TW = m.TW;
     Q.ntw = m.ntw;
@@ -1016,9 +1043,7 @@ void launch_level_mma(const FocalContextArgs& a, const LevelMmaPlan& m, const Le
     Q.ncolE = m.ncolE;
     Q.xrows = m.xrows;
     Q.xp = m.xp;
-    Q.drows = m.drows;
     Q.dp = m.dp;
-    Q.nrows = m.nrows;
     Q.np = m.np;
     Q.planeX = m.planeX;
     Q.planeD = m.planeD;
@@ -1027,31 +1052,13 @@ void launch_level_mma(const FocalContextArgs& a, const LevelMmaPlan& m, const Le
     Q.offDh = CB * m.planeX;
     Q.offDl = Q.offDh + CB * m.planeD;
     Q.offN = Q.offDl + CB * m.planeD;
-    Q.xsrc = F.xsrc;
-    for (int d = 0; d < 4; ++d) Q.xs[d] = F.xs[d];
-    Q.x_is_f32 = F.x_is_f32;
-    Q.x_vec = F.x_vec;
-    Q.x_vec8 = F.x_is_f32 ? 0 : ctx_vec8;
-    Q.dx_in = F.dx_in;
-    Q.ws_vec = F.ws_vec;
-    Q.dout = F.dout;
-    for (int d = 0; d < 4; ++d) Q.ds[d] = F.ds[d];
-    Q.dout_vec = F.dout_vec;
-    Q.gates = F.gates;
-    for (int d = 0; d < 4; ++d) Q.gs[d] = F.gs[d];
-    Q.dpool = F.dpool;
-    Q.dx_out = F.dx_out;
-    Q.out_vec = F.out_vec;
-    Q.gg = F.gg;
-    Q.gw_part = F.gw_part;
+    Q.x_vec8 = x_vec8;
     Q.frag = frag;
     Q.flag = flag;
-    Q.scale = F.scale;
     const std::string name = "fc_bwd_level_mma_kernel<bf16, k=" + std::to_string(k) + "> (level " +
                              std::to_string(F.l) + ")";
-    using Fn = void (*)(LevelMmaParams);
-    const Fn fn = k == 3 ? &fc_bwd_level_mma_kernel<3> : (k == 5 ? &fc_bwd_level_mma_kernel<5> : &fc_bwd_level_mma_kernel<7>);
-    if (k != 3 && k != 5 && k != 7) throw std::logic_error("focal_context_cuda: " + name + ": no instance (planner bug)");
+    const LevelMmaFn fn = level_mma_fn(k, F.l, a.L);
+    if (fn == nullptr) throw std::logic_error("focal_context_cuda: " + name + ": no instance (planner bug)");
     cuda_check(cudaMemsetAsync(flag, 0, sizeof(int), st), "cudaMemsetAsync(level flag)");
     FC_LAUNCH(fc_bwd_mma_bfrag_kernel, grid_1d(a.C * 32), NT, 0, st, F.w, a.C, k, frag, flag);
     check_launch("fc_bwd_mma_bfrag_kernel");
@@ -1075,11 +1082,12 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
   const bool ctx_vec = vec16(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
   const bool ctx_vec8 = vec8_16bit(a.ctx, a.ctx_stride, sz, (int)sizeof(T));
   const bool dout_vec = vec16(a.grad_out, a.grad_out_stride, sz, (int)sizeof(T));
-  const bool ws_vec = (C % 4 == 0) && (a.workspace % 16 == 0);
+  const bool ws_vec = (C % 4 == 0) && (a.workspace % 16 == 0);  // the fp32 dx maps
+  const XmapVec xv = xmap_vec<T>(a);
   const bool gctx_vec = (a.grad_ctx % 16 == 0) && (C % (int64_t)(16 / sizeof(T)) == 0);
-  float* X[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+  void* X[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
   for (int l = 0; l < 5; ++l)
-    if (pl.off_X[l] >= 0) X[l] = reinterpret_cast<float*>(ws + pl.off_X[l]);
+    if (pl.off_X[l] >= 0) X[l] = ws + pl.off_X[l];
   auto Dmap = [&](int l) -> float* {  // dx_l for 1 <= l <= L-1
     const int i = (L == 2) ? 0 : (l & 1);
     return reinterpret_cast<float*>(ws + pl.off_D[i]);
@@ -1094,10 +1102,10 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
   if (pl.mma.ok) {
     flag = reinterpret_cast<int*>(ws + pl.off_flag);
     launch_mma<T>(a, pl.mma, flag, nullptr, reinterpret_cast<uint32_t*>(ws + pl.off_frag), pl.nwp, ctx_vec, ctx_vec8,
-                  false, scale, st, X + 1, ws_vec);
+                  false, scale, st, X + 1, xv.v16);
   }
   for (const Segment& s : pl.segs) {
-    FusedParams P = segment_inputs(a, s, X, ctx_vec, ctx_vec8, ws_vec, scale);
+    FusedParams P = segment_inputs(a, s, X, ctx_vec, ctx_vec8, xv, scale);
     P.run_if = flag;
     P.xmask = (1 << s.nl) - 1;
     launch_fused<T>(a, s, P, false, st);
@@ -1150,7 +1158,7 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
     if (l == 0) {
       P.xsrc = reinterpret_cast<const void*>(a.ctx);
       for (int d = 0; d < 4; ++d) P.xs[d] = a.ctx_stride[d];
-      P.x_is_f32 = 0;
+      P.x_is_ws = 0;
       P.x_vec = ctx_vec;
     } else {
       P.xsrc = X[l];
@@ -1158,8 +1166,8 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
       P.xs[1] = W * C;
       P.xs[2] = C;
       P.xs[3] = 1;
-      P.x_is_f32 = 1;
-      P.x_vec = ws_vec;
+      P.x_is_ws = 1;
+      P.x_vec = xv.v16;
     }
     P.dx_in = (l < L - 1) ? Dmap(l + 1) : nullptr;
     P.ws_vec = ws_vec;
@@ -1185,9 +1193,14 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
     const int64_t nblk = (int64_t)g.nslots * cblocks;
     if (nblk > std::numeric_limits<int32_t>::max())
       throw std::runtime_error("focal_context_cuda: " + name + ": grid too large");
+    // the level kernels index tiles in 32 bits
+    const int64_t mtiles = pl.lvm[l].ok ? std::max<int64_t>(g.ntiles, pl.lvm[l].ntiles) : g.ntiles;
+    if (B * mtiles > std::numeric_limits<int32_t>::max())
+      throw std::runtime_error("focal_context_cuda: " + name + ": B * tiles >= 2^31 (batch too large)");
     if (pl.lvm[l].ok) {
       int* lflag = reinterpret_cast<int*>(ws + pl.off_lflag) + l;
-      launch_level_mma<T>(a, pl.lvm[l], P, lflag, reinterpret_cast<uint32_t*>(ws + pl.off_lfrag[l]), ctx_vec8, st);
+      launch_level_mma<T>(a, pl.lvm[l], P, lflag, reinterpret_cast<uint32_t*>(ws + pl.off_lfrag[l]),
+                          l == 0 ? ctx_vec8 : xv.v8, st);
       P.run_if = lflag;  // the FMA kernel below: only if the tensor-core one flagged
     }
     const LevelFn fn = level_fn<T>(g.k);
