@@ -98,21 +98,6 @@ __device__ __forceinline__ void split2(float a, float b, uint32_t& hi, uint32_t&
 // scale * dout * g_{l-1}): compile-time, so that each instance carries only its own paths.
 enum LevelRole : int { kLvFirst = 0, kLvMid = 1, kLvLast = 2 };
 
-// N fragment words (N % 4 == 0) from 16-byte aligned global memory
-template <int N>
-__device__ __forceinline__ void load_words(uint32_t (&d)[N], const uint32_t* s) {
-  static_assert(N % 4 == 0, "whole 16-byte vectors");
-  FC_CHECK_ALIGN16(s);
-#pragma unroll
-  for (int i = 0; i < N / 4; ++i) {
-    const uint4 v = reinterpret_cast<const uint4*>(s)[i];
-    d[4 * i] = v.x;
-    d[4 * i + 1] = v.y;
-    d[4 * i + 2] = v.z;
-    d[4 * i + 3] = v.w;
-  }
-}
-
 // (2) of the level kernel: dx_{l+1} on zr x zc positions from image position (gh0, gw0) -> the 8 fp32
 // channel planes at n0 (pn floats per plane, np per row), 0 outside the image; rows by warp, columns by
 // lane. The last level's is scale * dout * g_{L-1} + dpool (dpl: dpool of the image's 8 channels), the
@@ -243,16 +228,8 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
     {
       uint16_t* s0 = reinterpret_cast<uint16_t*>(sm + P.offX);
       const uint16_t* base = static_cast<const uint16_t*>(P.xsrc) + b * P.xs[0] + c0 * P.xs[3];
-      const int gh0 = h0 - 2 * p, gw0 = w0 - 2 * p, pl = P.planeX / 2;
-      if (P.x_vec && nvalid == CB)
-        nf |= stage_planes<T, 2>(s0, pl, xp, P.xrows, xp, base, P.xs[1], P.xs[2], P.xs[3], gh0, gw0, H, W, nvalid,
-                                 warp, lane);
-      else if (P.x_vec8 && nvalid == CB)
-        nf |= stage_planes<T, 1>(s0, pl, xp, P.xrows, xp, base, P.xs[1], P.xs[2], P.xs[3], gh0, gw0, H, W, nvalid,
-                                 warp, lane);
-      else
-        nf |= stage_planes<T, 0>(s0, pl, xp, P.xrows, xp, base, P.xs[1], P.xs[2], P.xs[3], gh0, gw0, H, W, nvalid,
-                                 warp, lane);
+      nf |= stage_planes_vec<T>(P.x_vec, P.x_vec8, s0, P.planeX / 2, xp, P.xrows, xp, base, P.xs[1], P.xs[2],
+                                P.xs[3], h0 - 2 * p, w0 - 2 * p, H, W, nvalid, warp, lane);
     }
     // (2) dx_{l+1} on the region tile + p (fp32 planes), 0 outside the image
     {

@@ -294,11 +294,34 @@ __device__ __forceinline__ uint32_t stage_planes(uint16_t* s0, int plane, int pi
   return nf;
 }
 
-template <typename T, int MODE>
-__device__ __forceinline__ uint32_t mma_stage(const MmaParams& P, uint16_t* s0, int plane, const uint16_t* base,
-                                              int h0, int w0, int nvalid, int warp, int lane) {
-  return stage_planes<T, MODE>(s0, plane, P.pitch[0], P.srows, P.scols, base, P.cs[1], P.cs[2], P.cs[3],
-                               h0 - P.H0, w0 - P.H0, (int)P.H, (int)P.W, nvalid, warp, lane);
+// stage_planes with the widest load the host's alignment flags allow for the map (v16: 16-byte
+// vectors of 8 channels, v8: two 8-byte halves; only when all 8 channels are valid): one unswitched
+// loop per width.
+template <typename T>
+__device__ __forceinline__ uint32_t stage_planes_vec(bool v16, bool v8, uint16_t* s0, int plane, int pitch, int rows,
+                                                     int cols, const uint16_t* base, int64_t cs1, int64_t cs2,
+                                                     int64_t cs3, int gh0, int gw0, int H, int W, int nvalid, int warp,
+                                                     int lane) {
+  if (v16 && nvalid == CB)
+    return stage_planes<T, 2>(s0, plane, pitch, rows, cols, base, cs1, cs2, cs3, gh0, gw0, H, W, nvalid, warp, lane);
+  if (v8 && nvalid == CB)
+    return stage_planes<T, 1>(s0, plane, pitch, rows, cols, base, cs1, cs2, cs3, gh0, gw0, H, W, nvalid, warp, lane);
+  return stage_planes<T, 0>(s0, plane, pitch, rows, cols, base, cs1, cs2, cs3, gh0, gw0, H, W, nvalid, warp, lane);
+}
+
+// N fragment words (N % 4 == 0) from 16-byte aligned global memory
+template <int N>
+__device__ __forceinline__ void load_words(uint32_t (&d)[N], const uint32_t* s) {
+  static_assert(N % 4 == 0, "whole 16-byte vectors");
+  FC_CHECK_ALIGN16(s);
+#pragma unroll
+  for (int i = 0; i < N / 4; ++i) {
+    const uint4 v = reinterpret_cast<const uint4*>(s)[i];
+    d[4 * i] = v.x;
+    d[4 * i + 1] = v.y;
+    d[4 * i + 2] = v.z;
+    d[4 * i + 3] = v.w;
+  }
 }
 
 // REC (the backward's recompute): only the levels before the last, whose tile values (rounded to T, as
@@ -330,17 +353,7 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
 
   // B fragments (registers, whole block): 16-byte loads of this lane's words
   uint32_t bf[NWP];
-  {
-    const uint4* fp = reinterpret_cast<const uint4*>(frag + ((int64_t)(c0 + (cok ? warp : 0)) * 32 + lane) * nwp);
-#pragma unroll
-    for (int i = 0; i < NWP / 4; ++i) {
-      const uint4 v = fp[i];
-      bf[4 * i] = v.x;
-      bf[4 * i + 1] = v.y;
-      bf[4 * i + 2] = v.z;
-      bf[4 * i + 3] = v.w;
-    }
-  }
+  load_words<NWP>(bf, frag + ((int64_t)(c0 + (cok ? warp : 0)) * 32 + lane) * nwp);
   // gates of the tile, fp32 [level][TH][TW] (0 outside the image): rows by warp, columns by lane
   float* gsm = reinterpret_cast<float*>(sm + P.offG);
   if constexpr (!REC) {
@@ -368,12 +381,8 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
     const int plane = P.planeS[0] / 2;
     const uint16_t* base = reinterpret_cast<const uint16_t*>(static_cast<const T*>(P.ctx) + b * P.cs[0] +
                                                              (int64_t)c0 * P.cs[3]);
-    if (P.ctx_vec16 && nvalid == CB)
-      nf |= mma_stage<T, 2>(P, s0, plane, base, h0, w0, nvalid, warp, lane);
-    else if (P.ctx_vec8 && nvalid == CB)
-      nf |= mma_stage<T, 1>(P, s0, plane, base, h0, w0, nvalid, warp, lane);
-    else
-      nf |= mma_stage<T, 0>(P, s0, plane, base, h0, w0, nvalid, warp, lane);
+    nf |= stage_planes_vec<T>(P.ctx_vec16, P.ctx_vec8, s0, plane, P.pitch[0], P.srows, P.scols, base, P.cs[1],
+                              P.cs[2], P.cs[3], h0 - P.H0, w0 - P.H0, H, W, nvalid, warp, lane);
   }
   __syncthreads();
 
