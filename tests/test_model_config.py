@@ -242,7 +242,11 @@ def test_bad_argument_in_any_valid_config_is_refused(case, bad):
     cfg, _, _ = case
     arg, value, exc, extra = bad
     if isinstance(value, tuple) and arg in ("focal_levels", "focal_windows"):
-        extra = dict(depths=(1, 2))  # per-stage values are written for 2 stages, as BASE has
+        # per-stage values are written for 2 stages, as BASE has: the other per-stage argument, which the
+        # drawn config may give per stage for its own stage count, becomes one value for all stages
+        other = "focal_windows" if arg == "focal_levels" else "focal_levels"
+        ov = cfg[other]
+        extra = {"depths": (1, 2), other: ov[0] if isinstance(ov, (tuple, list)) else ov}
     with torch.device("meta"):
         _expect_refusal(lambda: FocalNet(**{**cfg, **extra, arg: value}), arg, exc)
 
