@@ -178,6 +178,7 @@ class Instr:
     cls: str = ""
     op: str = ""
     width: int = 0
+    inl: str = ""    # `nvdisasm -gi`: the call sites it was inlined at ("" when not inlined / not known)
 
 
 @dataclass
@@ -195,7 +196,7 @@ class Loop:
         return addr in self.addrs if self.addrs else self.start <= addr <= self.end
 
 
-_LINE_RE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
+_LINE_RE = re.compile(r'^\s*//## File "([^"]+)", line (\d+)(?: inlined at (.*))?')
 _LABEL_RE = re.compile(r"^\s*(\.L_x_\d+):")
 _INS_RE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 # BRA [.DIV|.U|...] [condition operand: `UR7, ` (BRA.DIV) or `P2, ` / `!P2, `,] `(.L_x_N)
@@ -218,14 +219,22 @@ def parse_sass(text: str, kernel: Optional[str] = None) -> List[Instr]:
     out: List[Instr] = []
     labels: Dict[str, int] = {}
     pending: List[str] = []
-    cur = (None, None)
+    cur = (None, None, "")
+    after_line = False
     for ln in lines[start:]:
         if ln.startswith("\t.section") or ln.startswith("//-----"):
             break
         m = _LINE_RE.match(ln)
         if m:
-            cur = (m.group(1), int(m.group(2)))
+            # `nvdisasm -gi` prints an inlined location as its innermost frame ("line a inlined at ...")
+            # followed by the outer frames: those only extend the call-site chain
+            if after_line and cur[2]:
+                cur = (cur[0], cur[1], cur[2] + " < " + f"{m.group(1)}:{m.group(2)}")
+            else:
+                cur = (m.group(1), int(m.group(2)), (m.group(3) or "").strip())
+            after_line = True
             continue
+        after_line = False
         m = _LABEL_RE.match(ln)
         if m:
             pending.append(m.group(1))
@@ -237,7 +246,7 @@ def parse_sass(text: str, kernel: Optional[str] = None) -> List[Instr]:
                 labels[p] = a
             pending = []
             cls, op, w = classify(m.group(2))
-            out.append(Instr(a, m.group(2), cur[0], cur[1], cls, op, w))
+            out.append(Instr(a, m.group(2), cur[0], cur[1], cls, op, w, cur[2]))
     for ins in out:
         m = _BRA_RE.search(ins.text)
         if m and m.group(1) in labels:
@@ -661,12 +670,14 @@ def count(instrs, loops) -> dict:
     res["prologue_l2"] = collections.Counter()
     # warp-instructions per program by the innermost loop that holds them (its source line and header)
     res["by_loop"] = collections.Counter()
+    res["by_loop_class"] = collections.defaultdict(collections.Counter)
     for ins in instrs:
         where = "item" if (wl is None or wl.has(ins.addr)) else "prologue"
         m = mult[ins.addr]
         enc = [lp for lp in loops if lp.has(ins.addr)]
         inner = min(enc, key=lambda lp: len(lp.addrs) or lp.end - lp.start) if enc else None
         res["by_loop"][_loop_label(inner)] += m
+        res["by_loop_class"][_loop_label(inner)][ins.cls] += m
         if ins.cls in ("ldg", "stg", "atom", "ldl_stl"):
             res[where + "_l2"][ins.cls] += _l2_mult(ins, loops, m) * ins.width * 32
         res[where][ins.cls] += m
@@ -761,7 +772,7 @@ def analyze(compiled: dict, values: dict, overrides: Optional[dict] = None) -> d
 
 # tensor-core forward (csrc/cuda/fc_mma.cuh; plan_mma / mma_geom of focal_context_cuda.cu)
 _MMA_SPECS = ((2, (3, 5)), (3, (3, 5, 7)))
-_MMA_TH = (7, 8, 14, 16, 24, 28, 32)
+_MMA_TH = (7, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 32)
 _MMA_TW = (7, 8, 14, 16, 24, 28, 32, 40, 48, 56, 64)
 _MMA_COST_VALUE, _MMA_COST_STAGE, _MMA_COST_BLOCK = 16.0, 3.0, 3000.0
 # mma_smem_budget() on an H100: min(227 KB opt-in, 228 KB per SM / 2 - 1 KB) = 113 KB
@@ -790,11 +801,11 @@ def _mma_geom(ks, H, W, TH, TW, dtype):
         plane[j % 2] = max(plane[j % 2], brow[j] * pitch[j] * 2)
     plane[0] = max(plane[0], TH * opitch * 2)
     plane = [_cdiv(v, 16) * 16 for v in plane]
-    smem = _CB * (plane[0] + plane[1]) + L * TH * TW * 4
+    smem = _CB * (plane[0] + plane[1]) + L * TH * TW * 4 + 32
     if smem > _MMA_SMEM_BUDGET:
         return None
     ntiles = _cdiv(H, TH) * _cdiv(W, TW)
-    ns = 2.0 if dtype == "bfloat16" else 1.0
+    ns = 1.0   # mmas per kernel row: FC_MMA_BF16_NS = 1 (bf16 weights rounded, as fp16's)
     per_tile = _MMA_COST_BLOCK + _MMA_COST_STAGE * srows * scols
     for j in range(L):
         per_tile += 128.0 * nrow[j] * ncol[j] * (_MMA_COST_VALUE + 0.25 * (1.0 + ns) * ks[j])
@@ -840,15 +851,17 @@ def _level_mma_geom(k, H, W, th, tw):
     g["xp"] = odd8(max(8 * g["ncolZ"] + 8, 8 * g["ncolE"] + 8))
     g["drows"] = max(16 * g["nrowZ"], 16 * g["nrowT"] + k - 1, 16 * g["nrowT"] + p)
     g["dp"] = odd8(max(8 * g["ncolZ"], 8 * g["ncolT"] + 8, 8 * g["ncolE"]))
-    g["nrows"], g["np"] = TH + 2 * p, TW + 2 * p
+    g["nrows"], g["np"] = TH + 2 * p, _cdiv(TW + 2 * p, 2) * 2
     g["planeX"] = _cdiv(max(g["xrows"] * g["xp"] * 2, TH * TW * 4, k * 128 * 4), 16) * 16
     g["planeD"] = _cdiv(g["drows"] * g["dp"] * 2, 16) * 16
     g["planeN"] = _cdiv(g["nrows"] * g["np"] * 4, 16) * 16
-    g["smem"] = _CB * (g["planeX"] + 2 * g["planeD"] + g["planeN"])
+    g["smem"] = _CB * (g["planeX"] + g["planeD"] + g["planeN"])   # one dz plane (FC_BWD_DZ_SPLIT=0)
     g["ntiles"] = _cdiv(H, TH) * _cdiv(W, TW)
     g["ntw"] = _cdiv(W, TW)
-    per_tile = (_LVM_TILE + _LVM_Z * 128.0 * g["nrowZ"] * g["ncolZ"] + _LVM_X * g["xrows"] * g["xp"] +
-                _LVM_N * g["nrows"] * g["np"] + _LVM_F * 128.0 * g["nrowT"] * g["ncolT"] + _LVM_T * TH * TW)
+    # staging and the epilogue count whole passes of the lanes across a row (64 / 32 / 32 columns)
+    per_tile = (_LVM_TILE + _LVM_Z * 128.0 * g["nrowZ"] * g["ncolZ"] + _LVM_X * g["xrows"] * _cdiv(g["xp"], 64) * 64 +
+                _LVM_N * g["nrows"] * _cdiv(g["np"], 32) * 32 + _LVM_F * 128.0 * g["nrowT"] * g["ncolT"] +
+                _LVM_T * TH * _cdiv(TW, 32) * 32)
     g["cost"] = per_tile * g["ntiles"] / (H * W)
     return g if g["smem"] <= _MMA_SMEM_BUDGET else None
 
@@ -1208,10 +1221,15 @@ def predict(backend, direction, shape, kernel_sizes, dtype, arch=90) -> dict:
         "per_elem_by_class": {k: round(v, 1) for k, v in sorted(by_class.items())},
         "candidates": cands, "bwd_choice": bwd_choice,
         "launches": [dict({k: (round(v, 4) if isinstance(v, float) else v) for k, v in t.items()
-                           if k not in ("loops", "by_class", "by_loop")},
+                           if k not in ("loops", "by_class", "by_loop", "by_loop_class")},
                           **({"instr_per_elem_by_loop": {k: round(v * 32 / elems, 1) for k, v in
                                                          sorted(t["by_loop"].items(), key=lambda kv: -kv[1])
-                                                         if v * 32 / elems >= 0.05}}
+                                                         if v * 32 / elems >= 0.05},
+                              "instr_per_elem_by_loop_class": {
+                                  k: {q: round(v * 32 / elems, 1) for q, v in
+                                      sorted(t["by_loop_class"].get(k, {}).items(), key=lambda kv: -kv[1])
+                                      if v * 32 / elems >= 0.05}
+                                  for k, v in t["by_loop"].items() if v * 32 / elems >= 0.05}}
                              if "by_loop" in t else {}))
                      for t in chosen],
         "prediction": "static model, not a measurement (docs/cost-model.md)",
@@ -1547,7 +1565,8 @@ def cuda_cubin(root=None):
     for n in ("focal_context_cuda.cu", "fc_kernels.cuh", "fc_device.cuh", "fc_mma.cuh", "fc_bwd_mma.cuh"):
         with open(os.path.join(root, "csrc", "cuda", n)) as f:
             srcs[n] = f.read()
-    key = hashlib.sha1("".join(srcs[k] for k in sorted(srcs)).encode()).hexdigest()[:20]
+    # "gi": the SASS carries inlined-at call sites (nvdisasm -gi), which entries before it lack
+    key = hashlib.sha1(("gi" + "".join(srcs[k] for k in sorted(srcs))).encode()).hexdigest()[:20]
     d = _cuda_compile_dir()
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, key + ".json")
@@ -1565,7 +1584,7 @@ def cuda_cubin(root=None):
         subprocess.run([nvcc, "-O3", "-std", "c++17", "-arch", "sm_90", "-cubin", "-lineinfo", "-Icsrc",
                         "-DFOCALNET_WITH_CUDA", "-o", cub, "csrc/cuda/focal_context_cuda.cu"], cwd=t, check=True,
                        capture_output=True)
-        sass = subprocess.run([_tool("nvdisasm"), "-g", cub], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), "-gi", cub], capture_output=True, text=True, check=True).stdout
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", cub], capture_output=True, text=True,
                              check=True).stdout
     out = {"sass": sass, "res": res, "source": srcs}
@@ -1648,6 +1667,10 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
     for i in sorted(range(len(loops)), key=lambda i: loops[i].start):
         if loops[i].source:
             groups[(loops[i].parent, loops[i].source)].append(i)
+
+    def call_sites(i):  # `nvdisasm -gi`: where the loop's backward branch was inlined ("" if not)
+        be = byaddr.get(loops[i].end)
+        return be.inl if be is not None else ""
     for i in sorted(range(len(loops)), key=lambda i: loops[i].start):
         lp = loops[i]
         if lp.source is None:
@@ -1685,8 +1708,8 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
         else:
             for i in conv:
                 loops[i].how += f" (UNMATCHED: {len(conv)} conv loops for {len(levels)} levels)"
-    for (par, key), idxs in groups.items():
-        if len(idxs) < 2 or "it = warp" in fors[key][1]:
+    for (par, key), idxs_all in groups.items():
+        if len(idxs_all) < 2 or "it = warp" in fors[key][1]:
             continue
 
         def widths(i):
@@ -1696,23 +1719,36 @@ def _cuda_analyze(cub, name, ns, prefer_width=None):
         def work(i):
             return sum(1 for x in instrs if loops[i].has(x.addr) and x.cls in _WORK)
 
-        if len({frozenset(widths(i)) for i in idxs}) == 1:
-            # the same accesses: one loop unrolled by the compiler (xu main + remainder). The unroll
-            # factor of each copy: its FFMA over the FFMA of one source iteration where
-            # _CUDA_UNROLL_UNIT knows it (the remainder copy may itself be unrolled), else its work
-            # over the smallest copy's
+        if len({frozenset(widths(i)) for i in idxs_all}) == 1:
+            # the same accesses: one loop unrolled by the compiler (xu main + remainder), among the
+            # copies inlined at the same call sites; a helper inlined at two calls (mma_level for two
+            # levels) gives instances, each with its own trips. The unroll factor of each copy: its
+            # FFMA over the FFMA of one source iteration where _CUDA_UNROLL_UNIT knows it (the
+            # remainder copy may itself be unrolled), else its work over the smallest copy's
+            by_site = collections.defaultdict(list)
+            for i in idxs_all:
+                by_site[call_sites(i)].append(i)
             unit = next((fn(ns) for pat, fn in _CUDA_UNROLL_UNIT if re.search(pat, fors[key][1])), None)
-            w1 = max(1, min(work(i) for i in idxs))
-            rem = loops[idxs[0]].trips
-            for i in sorted(idxs, key=work, reverse=True):
-                u = max(1, round(ffma(i) / unit) if unit else round(work(i) / w1))
-                t = float(math.floor(rem / u)) if u > 1 else rem
-                loops[i].trips = t
-                rem -= t * u
-                loops[i].how += f" (split: x{u})"
+            for idxs in by_site.values():
+                if len(idxs) < 2:
+                    continue
+                w1 = max(1, min(work(i) for i in idxs))
+                rem = loops[idxs[0]].trips
+                for i in sorted(idxs, key=work, reverse=True):
+                    u = max(1, round(ffma(i) / unit) if unit else round(work(i) / w1))
+                    t = float(math.floor(rem / u)) if u > 1 else rem
+                    loops[i].trips = t
+                    rem -= t * u
+                    loops[i].how += f" (split: x{u})"
         else:
+            idxs = idxs_all
             # different access widths: run-time alternatives (template instances, vector/scalar)
-            keep = max(idxs, key=lambda i: widths(i).get(prefer_width, 0))
+            # (prefer_width may be a tuple of widths in order of preference: the first that one of the
+            # alternatives loads at decides -- the level kernel's ctx staging is 8-byte where its dout
+            # loads in the epilogue are 16-byte)
+            prefs = prefer_width if isinstance(prefer_width, tuple) else (prefer_width,)
+            pw = next((w for w in prefs if any(widths(i).get(w, 0) for i in idxs)), prefs[0])
+            keep = max(idxs, key=lambda i: widths(i).get(pw, 0))
             for i in idxs:
                 if i != keep:
                     loops[i].trips = 0.0
@@ -1755,7 +1791,8 @@ def _cuda_launch_time(cub, name, warps, smem, blocks, ns, hbm, prefer_width=None
             "warps": warps, "blocks_per_sm": per_sm, "occupancy_warps": per_sm * warps, "programs": blocks,
             "items": blocks, "warp_instr": by_class.get("total", 0), "ffma_warp_instr": by_class.get("ffma", 0),
             "by_class": by_class, "hbm_bytes": hbm, "loops": c["loops"],
-            "by_loop": {k: v * blocks * warps for k, v in c["by_loop"].items()}}
+            "by_loop": {k: v * blocks * warps for k, v in c["by_loop"].items()},
+            "by_loop_class": {k: {q: v * blocks * warps for q, v in cc.items()} for k, cc in c["by_loop_class"].items()}}
 
 
 def report_regs(res, name):
@@ -1816,7 +1853,8 @@ def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
                                        16 if (vec or g["l0"] > 0) else src_es))
     nch = plan["nchunk"]
     blocks = B * nch * cbl
-    times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_bwd_prep_kernel" + tname + "Lb0E"), _NWARP, _NT * 4,
+    # FLAT (no division by W): dout contiguous and the gates a slice of the f output, rows back to back
+    times.append(_cuda_launch_time(cub, _cuda_fn_name(cub["sass"], "fc_bwd_prep_kernel" + tname + "Lb0ELb1E"), _NWARP, _NT * 4,
                                    blocks, {"grid_trips": 1.0, "prep_trips": H * W / (nch * _NT),
                                             "config": f"{nch} chunks of {_PREP_POS}"},
                                    npix * (C * es + gate + cbl * 4) + B * nch * C * 4, 16 if vec else es))
@@ -1847,12 +1885,12 @@ def _cuda_bwd_launches(shape, ks, dtype, cub, tname, vec):
             role = 0 if l == 0 else (2 if l == L - 1 else 1)   # LevelRole: first, middle, last
             mname = _cuda_fn_name(cub["sass"], "fc_bwd_level_mma_kernel" + f"ILi{k}ELi{role}E")
             mns = {"lv_tiles": B * m["ntiles"] / m["nslots"], "mma_stage": (m["xrows"], m["xp"]),
-                   "zr": m["nrows"], "zc": m["np"], "nrowZ": m["nrowZ"], "ncolZ": m["ncolZ"],
+                   "zr": m["nrows"], "zc": m["TW"] + k - 1, "nrowZ": m["nrowZ"], "ncolZ": m["ncolZ"],
                    "nrowT": m["nrowT"], "ncolT": m["ncolT"], "ncolE": m["ncolE"], "TH": m["TH"], "TW": m["TW"],
                    "kk": k * k, "grid_trips": 1.0,
                    "config": f"level {l} k={k}: tensor cores, {m['TH']}x{m['TW']} tile, {m['nslots']} slots"}
             times.append(_cuda_launch_time(cub, mname, _NWARP, m["smem"], m["nslots"] * cbl, mns, hbm,
-                                           16 if (l > 0 or vec) else 8))
+                                           16 if (l > 0 or vec) else (8, 16)))
             times.append(_gated_launch(cub, name, blocks, g))
             continue
         times.append(_cuda_launch_time(cub, name, _NWARP, g["smem"], blocks, ns, hbm,
@@ -2096,8 +2134,11 @@ def format_breakdown(rows, top=12):
             if not by:
                 continue
             out.append(f"  {ln['kernel']} [{ln['config']}]: {ln['ms']} ms ({ln['bound']})")
+            cls = ln.get("instr_per_elem_by_loop_class", {})
             for k, v in list(by.items())[:top]:
                 out.append(f"    {v:8.1f}  {k}")
+                if cls.get(k):
+                    out.append("              " + ", ".join(f"{q} {x}" for q, x in cls[k].items()))
     return "\n".join(out)
 
 

@@ -349,3 +349,43 @@ def test_tail_rows_hbm_bound_without_spills():
         assert r["spill_bytes"] == 0 and r["bound"] == "hbm", r
         assert r["hbm_floor_ms"] <= r["predicted_ms"] < r["eager_tail_hbm_ms"], r
         assert r["global_pass_saved_ms"] > 0 and r["tensor_ms_at_dense_peak"] < r["predicted_ms"]
+
+
+INLINED_TWICE_CU = r'''
+template <int K>
+__device__ __forceinline__ float level(const float* x, int nrow, int ncol, float acc) {
+#pragma unroll 1
+  for (int sr = 0; sr < nrow; ++sr) {
+#pragma unroll 1
+    for (int sc = 0; sc < ncol; ++sc) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc = fmaf(x[sr * 64 + sc * 8 + k], 1.5f, acc);
+    }
+  }
+  return acc;
+}
+
+__global__ void twice(const float* x, float* y, int n0, int c0, int n1, int c1) {
+  float acc = 0.f;
+  acc = level<3>(x + threadIdx.x, n0, c0, acc);
+  acc = level<5>(x + threadIdx.x, n1, c1, acc);
+  y[threadIdx.x] = acc;
+}
+'''
+
+
+@pytest.mark.skipif(not (_nvdisasm_available() and __import__("shutil").which("nvcc")), reason="no nvcc / nvdisasm")
+def test_cuda_helper_inlined_twice_counts_both_instances(tmp_path):
+    # one source loop inlined twice (the tensor-core forward's mma_level for two levels) is two SASS loops
+    # of one header, neither unrolled: each keeps the trips its own rule gave it (they were once taken for
+    # an unrolled main loop + remainder, and the first level's subtiles counted 0 times)
+    src = tmp_path / "twice.cu"
+    src.write_text(INLINED_TWICE_CU)
+    cub = tmp_path / "twice.cubin"
+    subprocess.run(["nvcc", "-O3", "-arch", "sm_90", "-cubin", "-lineinfo", "-o", str(cub), str(src)], check=True,
+                   capture_output=True, timeout=300)
+    sass = subprocess.run([cm._tool("nvdisasm"), "-gi", str(cub)], capture_output=True, text=True, check=True).stdout
+    name = cm._cuda_fn_name(sass, "twice")
+    c = cm._cuda_analyze({"sass": sass, "source": {"twice.cu": INLINED_TWICE_CU}}, name,
+                         {"mma_rows": [2, 3], "mma_cols": [4, 7]})
+    assert c["item"]["ffma"] == pytest.approx(2 * 4 * 3 + 3 * 7 * 5), c["loops"]

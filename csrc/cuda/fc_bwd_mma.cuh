@@ -4,16 +4,17 @@
 //
 // Block = (slot, 8 channels), warp w owns channel c0 + w; a slot walks the tiles slot, slot + nslots, ...
 // All three stencils of the level are banded mma.m16n8k16 (bf16 in, fp32 accumulate), per channel:
-//  (d) z = conv(x_l, w) on tile + p (x plane, weights hi + lo: as the forward's mma_subtile), then
-//      GELU(z), GELU'(z), dz = dx_{l+1} * GELU'(z) (0 outside the image and the region), stored as
-//      bf16 hi + lo planes (products exact to ~2^-16: fp32's range, which gradients need);
+//  (d) z = conv(x_l, w) on tile + p (x plane, weights as the forward's mma_subtile has them), then
+//      GELU(z), GELU'(z), dz = dx_{l+1} * GELU'(z) (0 outside the image and the region), stored
+//      rounded to bf16 (the precision eager PyTorch's bf16 backward keeps dz in; FC_BWD_DZ_SPLIT=1
+//      builds keep a lo plane too, dz exact to ~2^-16, for one more mma per kernel row in (f));
 //  (e) weight gradient: with the tile rows as the k dimension,
 //        D_dy[m][n] += sum_r x[r + dy - p][8j - 2p + m] * dz[r][8j - p + n]     (tile coordinates)
 //      (A from the x plane, B from the dz planes, both by ldmatrix.trans), whose diagonal m - n = dx
 //      holds tap (dy, dx); B is masked to the tile's own positions (each position counted by one tile);
 //      D stays in registers for the slot, its diagonals are summed once at the end;
-//  (f) dx_l = correlation of dz with the flipped kernel on the tile (A = dz hi and lo, B = flipped
-//      weights hi and lo: 3 mmas per kernel row), staged in fp32 over the warp's x plane.
+//  (f) dx_l = correlation of dz with the flipped kernel on the tile (A = dz, B = the flipped weights:
+//      1 mma per kernel row, 2 with FC_MMA_BF16_NS=2), staged in fp32 over the warp's x plane.
 // Then per tile position and 8 channels (one 16-byte dout load): the gate partial
 // gg[cb][l][pos] = sum_c dout * GELU(z) (GELU(z) parked in the dx_{l+1} plane by (d)) and the dx_l
 // store (+ scale * dout * g_{l-1} for l > 0), as fc_bwd_level_kernel's.
@@ -21,7 +22,7 @@
 // Planes (per warp, 16-byte aligned rows): x (bf16, xrows x xp, origin (h0 - 2p, w0 - 2p), zero outside
 // the image; every element written: A's columns meet B's zeros), dz hi / lo (bf16, drows x dp, origin
 // (h0 - p, w0 - p); columns < 8 ncolZ written by (d), rows past 16 nrowZ only reach discarded outputs),
-// n (fp32 dx_{l+1} on the region, nrows x np; later GELU(z) at the tile positions).
+// n (fp32 dx_{l+1} on the region, nrows x np, np even; later GELU(z) at the tile positions).
 // Coordinates: x plane = tile + 2p, dz / n planes = tile + p (rows and columns).
 //
 // Non-finite x_l or dx_{l+1} (NaN * 0 inside an mma would spread a NaN along a whole subtile row, wider
@@ -46,6 +47,12 @@ __device__ __forceinline__ void ldsm_x4_t(uint32_t (&a)[4], const void* p) {
 }
 #endif
 
+// dz of the level kernel as bf16 hi + lo planes (1) or one bf16 plane (0, shipped); the host's planner
+// (plan_level_mma) sizes shared memory for the same choice
+#ifndef FC_BWD_DZ_SPLIT
+#define FC_BWD_DZ_SPLIT 0
+#endif
+
 struct LevelMmaParams : LevelIO {                   // LevelIO: the FMA level kernel's inputs and outputs
   int TH, TW, ntw, ntiles, cblocks, nslots;
   int nrowZ, ncolZ, nrowT, ncolT, ncolE;  // subtiles of z (tile + p), of dx (tile); column blocks of (e)
@@ -53,25 +60,30 @@ struct LevelMmaParams : LevelIO {                   // LevelIO: the FMA level ke
   int offX, offDh, offDl, offN;           // bytes; warp w's planes at + w * plane*
   int planeX, planeD, planeN;             // bytes per warp
   int x_vec8;                             // x_l is ctx with 8-byte aligned 4-channel groups
-  const uint32_t* frag;                   // fc_bwd_mma_bfrag_kernel: [C][32][2 * K * NS * 2]
+  const uint32_t* frag;                   // fc_bwd_mma_bfrag_kernel: [C][32][2 * bfrag_words_per_dir(K)]
   int* flag;
 };
 
 // B fragments of one level for the backward: per channel and lane, for dy = 0..K-1 the forward's words
 // (B_dy[i][n] = w[dy][i - n], hi then lo), then the flipped kernel's (w[K-1-dy][K-1-(i-n)]).
 // Non-finite weights set *flag (the FMA kernel recomputes the level).
+// Each direction's words padded to whole 16-byte vectors: bfrag_words_per_dir(K).
+__host__ __device__ constexpr int bfrag_words_per_dir(int K) {
+  return (K * MmaT<__nv_bfloat16>::NS * 2 + 3) / 4 * 4;
+}
+
 __global__ void __launch_bounds__(NT) fc_bwd_mma_bfrag_kernel(const float* __restrict__ w, int64_t C, int K,
                                                               uint32_t* __restrict__ frag, int* flag) {
-  constexpr int NS = MmaT<__nv_bfloat16>::NS;
   const int64_t idx = blockIdx.x * (int64_t)NT + threadIdx.x;
   if (idx >= C * 32) return;
   const int64_t c = idx / 32;
   const int lane = (int)(idx % 32), g = lane >> 2, t = lane & 3;
-  uint32_t* d = frag + idx * (2 * K * NS * 2);
+  const int nwd = bfrag_words_per_dir(K);
+  uint32_t* d = frag + idx * (2 * nwd);
   const float* wc = w + c * K * K;
   bool bad = false;
-  int i = 0;
-  for (int flip = 0; flip < 2; ++flip)
+  for (int flip = 0; flip < 2; ++flip) {
+    int i = flip * nwd;
     for (int dy = 0; dy < K; ++dy) {
       float v[2][2];
       for (int h = 0; h < 2; ++h)
@@ -82,6 +94,8 @@ __global__ void __launch_bounds__(NT) fc_bwd_mma_bfrag_kernel(const float* __res
         }
       i = put_bfrag_row<__nv_bfloat16>(d, i, v);
     }
+    for (; i < (flip + 1) * nwd; ++i) d[i] = 0u;
+  }
   if (bad) *flag = 1;
 }
 
@@ -192,7 +206,7 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
   static_assert(std::is_same<WsT<T>, T>::value, "x_l is bf16 whether it is ctx or a workspace level map");
   constexpr int p = K / 2;
   constexpr int NS = MmaT<T>::NS;
-  constexpr int NWD = K * NS * 2;  // fragment words per direction
+  constexpr int NWD = bfrag_words_per_dir(K);  // fragment words per direction (K * NS * 2 used)
   FC_DYN_SMEM(smf);
   char* sm = reinterpret_cast<char*>(smf);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -257,32 +271,56 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
       const int clo = max(0, p - w0), chi = min(zc, W - w0 + p);
 #pragma unroll 1
       for (int sr = 0; sr < P.nrowZ; ++sr) {
+        // this lane's two rows of the subtile row (a: 16 sr + g, b: + 8): inside the image and the region,
+        // inside the tile; the n plane's rows clamped to the region (a row past it only feeds values that
+        // the selects below drop), so that its pair loads need no per-value address or predicate
+        const int za = 16 * sr + g, zb = za + 8;
+        const bool ina = za >= rlo && za < rhi, inb = zb >= rlo && zb < rhi;
+        const bool ita = za >= p && za < p + thl, itb = zb >= p && zb < p + thl;
+        float* na = Nw + min(za, zr - 1) * np;
+        float* nb = Nw + min(zb, zr - 1) * np;
+        uint32_t* dha = reinterpret_cast<uint32_t*>(Dh + za * dp);
+        uint32_t* dhb = reinterpret_cast<uint32_t*>(Dh + zb * dp);
+#if FC_BWD_DZ_SPLIT
+        uint32_t* dla = reinterpret_cast<uint32_t*>(Dl + za * dp);
+        uint32_t* dlb = reinterpret_cast<uint32_t*>(Dl + zb * dp);
+#endif
 #pragma unroll 1
         for (int sc = 0; sc < P.ncolZ; ++sc) {
           float c[4];
           mma_subtile<T, K>(c, Xw, xp, 16 * sr, 8 * sc, bf, lane);
-          float dz[4];
+          const int zj = 8 * sc + 2 * t;  // columns zj, zj + 1 (even: one 8-byte load of the even-pitch n plane)
+          const bool ic0 = zj >= clo && zj < chi, ic1 = zj + 1 >= clo && zj + 1 < chi;
+          const bool it0 = zj >= p && zj < p + twl, it1 = zj + 1 >= p && zj + 1 < p + twl;
+          const int zjc = min(zj, np - 2);
+          const float2 va = *reinterpret_cast<const float2*>(na + zjc);
+          const float2 vb = *reinterpret_cast<const float2*>(nb + zjc);
+          float gz[4], gpz[4];
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int zi = 16 * sr + g + 8 * (i >> 1), zj = 8 * sc + 2 * t + (i & 1);
-            const bool in = zi >= rlo && zi < rhi && zj >= clo && zj < chi;
-            const bool interior = zi >= p && zi < p + thl && zj >= p && zj < p + twl;
-            float gz, gpz;
-            gelu_and_grad_f(c[i], gz, gpz);
-            float* np_ = Nw + (in ? zi * np + zj : 0);
-            const float nv = *np_;
-            dz[i] = in ? nv * gpz : 0.f;
-            if (interior) *np_ = gz;
-          }
+          for (int i = 0; i < 4; ++i) gelu_and_grad_f(c[i], gz[i], gpz[i]);
+          float dz[4];
+          dz[0] = (ina && ic0) ? va.x * gpz[0] : 0.f;
+          dz[1] = (ina && ic1) ? va.y * gpz[1] : 0.f;
+          dz[2] = (inb && ic0) ? vb.x * gpz[2] : 0.f;
+          dz[3] = (inb && ic1) ? vb.y * gpz[3] : 0.f;
+          // GELU(z) at the tile positions, over dx_{l+1} just read (this lane's own positions)
+          if (ita && it0) na[zj] = gz[0];
+          if (ita && it1) na[zj + 1] = gz[1];
+          if (itb && it0) nb[zj] = gz[2];
+          if (itb && it1) nb[zj + 1] = gz[3];
+#if FC_BWD_DZ_SPLIT
           uint32_t h0w, l0w, h1w, l1w;
           split2(dz[0], dz[1], h0w, l0w);
           split2(dz[2], dz[3], h1w, l1w);
+          dla[zj / 2] = l0w;
+          dlb[zj / 2] = l1w;
+#else
+          const T* tag = nullptr;
+          const uint32_t h0w = pack2(dz[0], dz[1], tag), h1w = pack2(dz[2], dz[3], tag);
+#endif
           nf |= nonfinite2<T>(h0w) | nonfinite2<T>(h1w);
-          const int zi0 = 16 * sr + g, zj0 = 8 * sc + 2 * t;
-          *reinterpret_cast<uint32_t*>(Dh + zi0 * dp + zj0) = h0w;
-          *reinterpret_cast<uint32_t*>(Dl + zi0 * dp + zj0) = l0w;
-          *reinterpret_cast<uint32_t*>(Dh + (zi0 + 8) * dp + zj0) = h1w;
-          *reinterpret_cast<uint32_t*>(Dl + (zi0 + 8) * dp + zj0) = l1w;
+          dha[zj / 2] = h0w;
+          dhb[zj / 2] = h1w;
         }
       }
     }
@@ -297,7 +335,8 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
         // B rows are tile rows r0 + k: this lane's k = 2t, 2t+1 (b0) and 2t+8, 2t+9 (b1)
         const uint32_t rm0 = (r0 + 2 * t < thl ? 0xffffu : 0u) | (r0 + 2 * t + 1 < thl ? 0xffff0000u : 0u);
         const uint32_t rm1 = (r0 + 2 * t + 8 < thl ? 0xffffu : 0u) | (r0 + 2 * t + 9 < thl ? 0xffff0000u : 0u);
-        const T* bsrc = ((mi < 2) ? Dh : Dl) + (r0 + p + rr + 8 * (mi & 1)) * dp;
+        // matrices 0, 1: dz (hi) rows r0 + p + 0..15; 2, 3: the lo plane's (FC_BWD_DZ_SPLIT) or hi again
+        const T* bsrc = ((mi < 2 || !FC_BWD_DZ_SPLIT) ? Dh : Dl) + (r0 + p + rr + 8 * (mi & 1)) * dp;
         const T* asrc = Xw + (r0 + p + rr + 8 * (mi >> 1)) * xp + 8 * (mi & 1);
 #pragma unroll 1
         for (int j = 0; j < P.ncolE; ++j) {
@@ -312,7 +351,7 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
             uint32_t a[4];
             ldsm_x4_t(a, asrc + dy * xp + 8 * j);
             mma16816<T>(D[dy], a, bq[0] & m0, bq[1] & m1);
-            mma16816<T>(D[dy], a, bq[2] & m0, bq[3] & m1);
+            if constexpr (FC_BWD_DZ_SPLIT) mma16816<T>(D[dy], a, bq[2] & m0, bq[3] & m1);
           }
         }
       }
@@ -332,12 +371,15 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_bwd_level_mma_kernel(const Level
           const int off = (16 * fr2 + (lane & 7) + 8 * (mi & 1)) * dp + 8 * fc2 + 8 * (mi >> 1);
 #pragma unroll
           for (int a = 0; a < K; ++a) {
-            uint32_t ah[4], al[4];
+            uint32_t ah[4];
             ldsm_x4(ah, Dh + off + a * dp);
-            ldsm_x4(al, Dl + off + a * dp);
             mma16816<T>(dh, ah, bf[(a * NS) * 2], bf[(a * NS) * 2 + 1]);
             if constexpr (NS == 2) mma16816<T>(dl, ah, bf[(a * NS + 1) * 2], bf[(a * NS + 1) * 2 + 1]);
+#if FC_BWD_DZ_SPLIT
+            uint32_t al[4];
+            ldsm_x4(al, Dl + off + a * dp);
             mma16816<T>(dl, al, bf[(a * NS) * 2], bf[(a * NS) * 2 + 1]);
+#endif
           }
 #pragma unroll
           for (int i = 0; i < 4; ++i) {

@@ -498,7 +498,9 @@ struct PrepParams {
 };
 
 // WIDE: positions need 64-bit arithmetic (H * W + PREP_POS >= 2^31); else 32-bit position math.
-template <typename T, bool WIDE>
+// FLAT: dout's and the gates' rows follow each other (stride[1] = W * stride[2], as in contiguous maps and
+// slices of the f projection's output): position q is at q * stride[2], no division by W.
+template <typename T, bool WIDE, bool FLAT = false>
 __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
   FC_DYN_SMEM(red);  // CB floats of GELU(pooled), then NWARP * CB partial sums
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -529,14 +531,7 @@ __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
   const T* dimg = dout + b * P.ds[0] + c0 * P.ds[3];
   const T* gimg = gates + b * P.gs[0] + (int64_t)P.L * P.gs[3];
   float* ggimg = P.gg + ((int64_t)cb * (P.L + 1) + P.L) * BHW + b * HW;
-#pragma unroll 1
-  for (int m = 0; m < PREP_POS / NT; ++m) {
-    const Pos q = (Pos)(chunk * PREP_POS) + m * NT + tid;
-    if (q >= HWp) break;
-    const Pos h = q / Wp, w = q - h * Wp;
-    float d[CB];
-    load8<T>(dimg, (int64_t)h * P.ds[1] + (int64_t)w * P.ds[2], P.ds[3], nvalid, vec, d);
-    const float gl = to_f<T>(gimg[(int64_t)h * P.gs[1] + (int64_t)w * P.gs[2]]);
+  auto accumulate = [&](Pos q, const float (&d)[CB], float gl) {
     float prod = 0.f;
 #pragma unroll
     for (int i = 0; i < CB; ++i) {
@@ -544,6 +539,31 @@ __global__ void __launch_bounds__(NT) fc_bwd_prep_kernel(const PrepParams P) {
       prod = fmaf(d[i], G[i], prod);
     }
     ggimg[q] = prod;
+  };
+  if constexpr (FLAT) {
+    // incremental pointers, NT positions per step
+    const Pos q0 = (Pos)(chunk * PREP_POS) + tid;
+    const T* dq = dimg + (int64_t)q0 * P.ds[2];
+    const T* gq = gimg + (int64_t)q0 * P.gs[2];
+    const int64_t dstep = (int64_t)NT * P.ds[2], gstep = (int64_t)NT * P.gs[2];
+#pragma unroll 1
+    for (int m = 0; m < PREP_POS / NT; ++m, dq += dstep, gq += gstep) {
+      const Pos q = q0 + m * NT;
+      if (q >= HWp) break;
+      float d[CB];
+      load8<T>(dq, 0, P.ds[3], nvalid, vec, d);
+      accumulate(q, d, to_f<T>(*gq));
+    }
+  } else {
+#pragma unroll 1
+    for (int m = 0; m < PREP_POS / NT; ++m) {
+      const Pos q = (Pos)(chunk * PREP_POS) + m * NT + tid;
+      if (q >= HWp) break;
+      const Pos h = q / Wp, w = q - h * Wp;
+      float d[CB];
+      load8<T>(dimg, (int64_t)h * P.ds[1] + (int64_t)w * P.ds[2], P.ds[3], nvalid, vec, d);
+      accumulate(q, d, to_f<T>(gimg[(int64_t)h * P.gs[1] + (int64_t)w * P.gs[2]]));
+    }
   }
   // dsum over the block: a fixed xor tree per warp, then the warps in order
 #pragma unroll

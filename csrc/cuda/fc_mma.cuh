@@ -7,8 +7,9 @@
 // (0 <= i - n < k, else 0), n < 8, i < 16: one mma.m16n8k16 per kernel row dy gives 16 rows x 8
 // columns of outputs of one channel (K = 16 >= 8 + 2r for k <= 9). The A operand (16 rows x 16
 // columns of the level's input) comes from shared memory with one ldmatrix.x4 whose row addresses
-// shift by dy; B (the weights) lives in registers for the whole block. fp32 accumulate. bf16
-// weights are split hi + lo (two mmas per dy, weights exact to ~2^-16); fp16 weights: one mma.
+// shift by dy; B (the weights) lives in registers for the whole block. fp32 accumulate. Weights
+// rounded to T, as eager PyTorch's fp16/bf16 (autocast) convolution has them: one mma per dy
+// (FC_MMA_BF16_NS=2 builds split bf16 weights hi + lo, two mmas per dy, weights exact to ~2^-16).
 //
 // Block = one image, one TH x TW tile, 8 channels; warp w owns channel c0 + w from staging to the
 // output (its planes of every buffer are read and written by that warp only: __syncwarp between
@@ -38,10 +39,11 @@ namespace fcc {
 
 constexpr int MMA_NT = 256;   // 8 warps = 8 channels
 constexpr int MMA_KMAX = 9;   // 8 outputs + 2 * (k / 2) inputs fit one k-step of 16
-// bf16 weights as hi + lo parts (2 mmas per kernel row; 1: bf16-rounded weights as eager autocast has them,
-// out error vs fp64 3.9e-3 instead of 3.0e-3 in the emulator; a build-time experiment knob, 2 is shipped)
+// bf16 weights: 1 (shipped) = rounded to bf16, as eager autocast's conv has them (one mma per kernel row;
+// out error vs fp64 3.9e-3 in the emulator, tolerance 1e-2); 2 = hi + lo parts (two mmas per row, out error
+// 3.0e-3: a build-time knob). The backward's level kernels use the same split.
 #ifndef FC_MMA_BF16_NS
-#define FC_MMA_BF16_NS 2
+#define FC_MMA_BF16_NS 1
 #endif
 
 struct MmaParams {
@@ -324,6 +326,21 @@ __device__ __forceinline__ void load_words(uint32_t (&d)[N], const uint32_t* s) 
   }
 }
 
+// 8 channels of one position as raw 16-bit values: one 16-byte store where vec (all 8 valid, aligned), else
+// one per valid channel
+__device__ __forceinline__ void store_u16x8(uint16_t* o, int nvalid, bool vec, const uint16_t (&u)[8]) {
+  if (vec) {
+    FC_CHECK_ALIGN16(o);
+    uint4 q;
+    memcpy(&q, u, 16);
+    *reinterpret_cast<uint4*>(o) = q;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+      if (i < nvalid) o[i] = u[i];
+  }
+}
+
 // REC (the backward's recompute): only the levels before the last, whose tile values (rounded to T, as
 // the forward used them) go to P.xws (WsT<T>: exact); no gates, output or pooled partials.
 template <typename T, int LC, int K0, int K1, int K2, bool REC>
@@ -414,14 +431,27 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
       const int64_t row = (((int64_t)b * H + h0 + ty) * W + w0) * P.C + c0;
 #pragma unroll 1
       for (int tx = lane; tx < twl; tx += 32) {
-        float v[8];
+        if constexpr (std::is_same<WT, T>::value) {
+          // bf16 maps: the planes' 16-bit values copied as they are
+          uint16_t u[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) v[i] = unpack2((uint32_t)x1s[i * pl1 + ty * p1 + tx], tag).x;
-        store8<WT>(static_cast<WT*>(P.xws[0]), row + (int64_t)tx * P.C, nvalid, wvec, v);
-        if constexpr (LC > 2) {
+          for (int i = 0; i < 8; ++i) u[i] = x1s[i * pl1 + ty * p1 + tx];
+          store_u16x8(static_cast<uint16_t*>(P.xws[0]) + row + (int64_t)tx * P.C, nvalid, wvec, u);
+          if constexpr (LC > 2) {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) v[i] = unpack2((uint32_t)x2s[i * pl0 + ty * p2 + tx], tag).x;
-          store8<WT>(static_cast<WT*>(P.xws[1]), row + (int64_t)tx * P.C, nvalid, wvec, v);
+            for (int i = 0; i < 8; ++i) u[i] = x2s[i * pl0 + ty * p2 + tx];
+            store_u16x8(static_cast<uint16_t*>(P.xws[1]) + row + (int64_t)tx * P.C, nvalid, wvec, u);
+          }
+        } else {
+          float v[8];
+#pragma unroll
+          for (int i = 0; i < 8; ++i) v[i] = unpack2((uint32_t)x1s[i * pl1 + ty * p1 + tx], tag).x;
+          store8<WT>(static_cast<WT*>(P.xws[0]), row + (int64_t)tx * P.C, nvalid, wvec, v);
+          if constexpr (LC > 2) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) v[i] = unpack2((uint32_t)x2s[i * pl0 + ty * p2 + tx], tag).x;
+            store8<WT>(static_cast<WT*>(P.xws[1]), row + (int64_t)tx * P.C, nvalid, wvec, v);
+          }
         }
       }
     }
@@ -441,6 +471,10 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
   const int op = LC > 2 ? p1 : P.opitch;
   const float scale = P.scale;
   float psum = 0.f;
+  // Straight-line epilogue: every lane computes its 4 values of each subtile, loads from clamped or padded
+  // positions (a row past the tile reads the tile's last gate row; a column past TW reads on, into the next
+  // row or the 32-byte pad after the gates), and only the stores and the pooled sum are predicated, so no
+  // branch splits the warp per value.
   for (int fr = 0; fr < nrowL; ++fr) {
     const int ty0 = 16 * fr + g;
     const bool ra = ty0 < thl, rb = ty0 + 8 < thl;
@@ -449,28 +483,27 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
     const T* x1b = x1a + 8 * p1;
     const T* x2a = slot0 + (ty0 + r2) * p2 + r2 + 2 * t;
     const T* x2b = x2a + 8 * p2;
-    const float* ga = gsm + ty0 * TW + 2 * t;
-    const float* gb = ga + 8 * TW;
+    const float* ga = gsm + min(ty0, TH - 1) * TW + 2 * t;
+    const float* gb = gsm + min(ty0 + 8, TH - 1) * TW + 2 * t;
     T* oa = obuf + ty0 * op + 2 * t;
     T* ob = oa + 8 * op;
     for (int fc = 0; fc < ncolL; ++fc) {
       float c[4];
       mma_subtile<T, KL>(c, lsrc, lp, 16 * fr, 8 * fc, bf + OFFL, lane);
       const int tx0 = 8 * fc + 2 * t;
-      const bool ce[2] = {tx0 < twl, tx0 + 1 < twl};
+      const bool ce0 = tx0 < twl, ce1 = tx0 + 1 < twl;
+      const bool ok[4] = {ra && ce0, ra && ce1, rb && ce0, rb && ce1};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int e = i & 1;
         const bool hb = i >= 2;
-        if ((hb ? rb : ra) && ce[e]) {
-          const float* gq = (hb ? gb : ga) + e;
-          const float v = gelu_f(c[i]);
-          float o = gq[(LC - 1) * tpos] * v;
-          o = fmaf(gq[0], to_f<T>((hb ? x1b : x1a)[e]), o);
-          if constexpr (LC > 2) o = fmaf(gq[tpos], to_f<T>((hb ? x2b : x2a)[e]), o);
-          psum += v;
-          (hb ? ob : oa)[e] = from_f<T>(o * scale);
-        }
+        const float* gq = (hb ? gb : ga) + e;
+        const float v = gelu_f(c[i]);
+        float o = gq[(LC - 1) * tpos] * v;
+        o = fmaf(gq[0], to_f<T>((hb ? x1b : x1a)[e]), o);
+        if constexpr (LC > 2) o = fmaf(gq[tpos], to_f<T>((hb ? x2b : x2a)[e]), o);
+        psum += ok[i] ? v : 0.f;
+        if (ok[i]) (hb ? ob : oa)[e] = from_f<T>(o * scale);
       }
       x1a += 8; x1b += 8; x2a += 8; x2b += 8; ga += 8; gb += 8; oa += 8; ob += 8;
     }
@@ -498,17 +531,7 @@ __global__ void __launch_bounds__(MMA_NT, 2) fc_mma_fwd_kernel(const MmaParams P
         uint16_t u[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) u[i] = ob[i * plane + ty * op + tx];
-        uint16_t* o = orow + (int64_t)tx * P.C;
-        if (P.out_vec && nvalid == CB) {
-          FC_CHECK_ALIGN16(o);
-          uint4 q;
-          memcpy(&q, u, 16);
-          *reinterpret_cast<uint4*>(o) = q;
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i)
-            if (i < nvalid) o[i] = u[i];
-        }
+        store_u16x8(orow + (int64_t)tx * P.C, nvalid, P.out_vec && nvalid == CB, u);
       }
     }
   }

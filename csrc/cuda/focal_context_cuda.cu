@@ -380,7 +380,7 @@ struct MmaPlan {
 constexpr double kMmaCostValue = 16.0;
 constexpr double kMmaCostStage = 3.0;
 constexpr double kMmaCostBlock = 3000.0;
-constexpr int kMmaTH[] = {7, 8, 14, 16, 24, 28, 32};
+constexpr int kMmaTH[] = {7, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 32};
 constexpr int kMmaTW[] = {7, 8, 14, 16, 24, 28, 32, 40, 48, 56, 64};
 
 // (levels, k0, k1, k2) of the tensor-core instances: FocalNet's SRF and LRF context stacks
@@ -466,13 +466,13 @@ bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t bud
   m.offS[0] = 0;
   m.offS[1] = CB * m.planeS[0];
   m.offG = m.offS[1] + CB * m.planeS[1];
-  m.smem = m.offG + (int64_t)L * TH * TW * 4;
+  m.smem = m.offG + (int64_t)L * TH * TW * 4 + 32;  // + 32: the last level's reads past column TW of the last row
   if (m.smem > budget) return false;
   m.ntw = (int)ceil_div(a.W, TW);
   const int64_t ntiles = ceil_div(a.H, TH) * m.ntw;
   if (ntiles > std::numeric_limits<int32_t>::max() / 1024) return false;
   m.ntiles = (int)ntiles;
-  const double ns = a.dtype == kBFloat16 ? 2.0 : 1.0;
+  const double ns = a.dtype == kBFloat16 ? (double)FC_MMA_BF16_NS : 1.0;
   double per_tile = kMmaCostBlock + kMmaCostStage * (double)m.srows * m.scols;
   for (int j = 0; j < L; ++j)
     per_tile += 128.0 * m.nrow[j] * m.ncol[j] * (kMmaCostValue + 0.25 * (1.0 + ns) * a.ksize[j]);
@@ -538,17 +538,20 @@ bool level_mma_geom(LevelMmaPlan& m, int k, int64_t H, int64_t W, int th, int tw
   m.drows = std::max({16 * m.nrowZ, 16 * m.nrowT + k - 1, 16 * m.nrowT + p});
   m.dp = odd8(std::max({8 * m.ncolZ, 8 * m.ncolT + 8, 8 * m.ncolE}));
   m.nrows = TH + 2 * p;
-  m.np = TW + 2 * p;
+  m.np = (int)round_up(TW + 2 * p, 2);  // even: (d) reads the plane in 8-byte column pairs
   m.planeX = (int)round_up(std::max<int64_t>({(int64_t)m.xrows * m.xp * 2, (int64_t)TH * TW * 4, (int64_t)k * 128 * 4}), 16);
   m.planeD = (int)round_up((int64_t)m.drows * m.dp * 2, 16);
   m.planeN = (int)round_up((int64_t)m.nrows * m.np * 4, 16);
-  m.smem = (int64_t)CB * (m.planeX + 2 * m.planeD + m.planeN);
+  m.smem = (int64_t)CB * (m.planeX + (1 + FC_BWD_DZ_SPLIT) * m.planeD + m.planeN);
   const int64_t ntiles = ceil_div(H, TH) * ceil_div(W, TW);
   if (ntiles > std::numeric_limits<int32_t>::max() / 1024) return false;
   m.ntw = (int)ceil_div(W, TW);
   m.ntiles = (int)ntiles;
-  double per_tile = kLvMmaTile + kLvMmaZ * 128.0 * m.nrowZ * m.ncolZ + kLvMmaX * m.xrows * m.xp +
-                    kLvMmaN * (double)m.nrows * m.np + kLvMmaF * 128.0 * m.nrowT * m.ncolT + kLvMmaT * TH * TW;
+  // staging and the epilogue walk rows with the lanes across columns (x: 2 columns per lane, 64 per pass;
+  // n and the epilogue: 32 per pass): a narrow tile leaves lanes idle, so those terms count whole passes
+  double per_tile = kLvMmaTile + kLvMmaZ * 128.0 * m.nrowZ * m.ncolZ + kLvMmaX * m.xrows * round_up(m.xp, 64) +
+                    kLvMmaN * (double)m.nrows * round_up(m.np, 32) + kLvMmaF * 128.0 * m.nrowT * m.ncolT +
+                    kLvMmaT * TH * round_up(TW, 32);
   m.cost = per_tile * (double)ntiles / (double)(H * W);
   m.budget = budget;
   return m.smem <= budget;
@@ -700,7 +703,7 @@ BwdPlan plan_bwd(const FocalContextArgs& a) {
         // so that fc_gw_finish_kernel reduces the same partials whichever of the two ran
         m.nslots = g.nslots;
         if (pl.off_lflag < 0) pl.off_lflag = lay.take(16);
-        pl.off_lfrag[l] = lay.take(a.C * 32 * (int64_t)(4 * a.ksize[l] * FC_MMA_BF16_NS) * 4);
+        pl.off_lfrag[l] = lay.take(a.C * 32 * (int64_t)(2 * bfrag_words_per_dir(a.ksize[l])) * 4);
       }
     }
     pl.off_gw[l] = lay.take((int64_t)g.nslots * g.k * g.k * a.C * 4);
@@ -1050,8 +1053,8 @@ void launch_level_mma(const FocalContextArgs& a, const LevelMmaPlan& m, const Le
     Q.planeN = m.planeN;
     Q.offX = 0;
     Q.offDh = CB * m.planeX;
-    Q.offDl = Q.offDh + CB * m.planeD;
-    Q.offN = Q.offDl + CB * m.planeD;
+    Q.offDl = Q.offDh + CB * m.planeD;                        // FC_BWD_DZ_SPLIT builds only
+    Q.offN = Q.offDh + (1 + FC_BWD_DZ_SPLIT) * CB * m.planeD;
     Q.x_vec8 = x_vec8;
     Q.frag = frag;
     Q.flag = flag;
@@ -1132,8 +1135,10 @@ void run_bwd(const FocalContextArgs& a, const BwdPlan& pl, cudaStream_t st) {
     const int64_t nblk = B * pl.nchunk * cblocks;
     if (nblk > std::numeric_limits<int32_t>::max())
       throw std::runtime_error("focal_context_cuda: fc_bwd_prep_kernel: grid too large");
-    void (*prep)(const PrepParams) =
-        H * W + PREP_POS < (int64_t(1) << 31) ? fc_bwd_prep_kernel<T, false> : fc_bwd_prep_kernel<T, true>;
+    const bool flat = Q.ds[1] == W * Q.ds[2] && Q.gs[1] == W * Q.gs[2];
+    void (*prep)(const PrepParams) = H * W + PREP_POS >= (int64_t(1) << 31) ? fc_bwd_prep_kernel<T, true>
+                                     : flat                                  ? fc_bwd_prep_kernel<T, false, true>
+                                                                             : fc_bwd_prep_kernel<T, false, false>;
     FC_LAUNCH(prep, (unsigned)nblk, NT, (NWARP + 1) * CB * sizeof(float), st, Q);
     check_launch(std::string("fc_bwd_prep_kernel<") + dtype_name<T>() + ">");
     FC_LAUNCH(fc_dpool_finish_kernel, grid_1d(B * C), NT, 0, st, dp_part, pl.nchunk, B, C,
