@@ -1098,7 +1098,8 @@ def triton_bwd_launches(shape, ks, dtype, arch=90):
         if hasattr(Bw, "_prune_step"):  # the module's own pruning (configs that spill)
             import triton
             conf = [triton.Config({"TILE_H": c[0], "TILE_W": c[1], "BLOCK_C": c[2]}, num_warps=c[3]) for c in cfgs]
-            nargs = {"dout_ptr": _StubTensor(es, ()), "KOUT": ks[l], "KIN": 1 if top else ks[l + 1], "TOP": top}
+            nargs = {"dout_ptr": _StubTensor(es, ()), "x_ptr": _StubTensor(es if l == 0 else 4, ()), "KOUT": ks[l],
+                     "KIN": 1 if top else ks[l + 1], "TOP": top}
             kept = Bw._prune_step(conf, nargs)
             step_cfgs = [(c.kwargs["TILE_H"], c.kwargs["TILE_W"], c.kwargs["BLOCK_C"], c.num_warps) for c in kept]
         for cfg in step_cfgs:

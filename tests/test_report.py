@@ -141,8 +141,32 @@ def _step_configs_run(bwd, esize):
             for c in kept]
 
 
+def test_step_skips_the_8x16_tile_where_it_spilled():
+    """_STEP_SPILL_SKIP: the 8x16 tile is not offered to the level-0 step of fp16/bf16 calls (x_0 is
+    16-bit ctx) nor to the fp32 top step, the two variants that spilled there; every other step keeps it."""
+    import torch
+    import triton
+    bwd = importlib.import_module(BWD)
+    given = [triton.Config({"TILE_H": th, "TILE_W": tw, "BLOCK_C": bc}, num_warps=nw,
+                           num_stages=bwd._NUM_STAGES) for th, tw, bc, nw in bwd._GPU_TILE_CONFIGS]
+
+    def tiles(dout_dtype, x_dtype, top):
+        nargs = {"dout_ptr": torch.empty(1, dtype=dout_dtype), "x_ptr": torch.empty(1, dtype=x_dtype)}
+        kept = bwd._bwd_step_kernel.early_config_prune(given, nargs, KOUT=3, KIN=1 if top else 5, TOP=top)
+        return {(c.kwargs["TILE_H"], c.kwargs["TILE_W"]) for c in kept}
+    every = {(th, tw) for th, tw, _, _ in bwd._GPU_TILE_CONFIGS}
+    assert (8, 16) in every
+    assert tiles(torch.bfloat16, torch.bfloat16, False) == every - {(8, 16)}
+    assert tiles(torch.float16, torch.float16, True) == every - {(8, 16)}
+    assert tiles(torch.float32, torch.float32, True) == every - {(8, 16)}
+    assert tiles(torch.bfloat16, torch.float32, False) == every   # levels > 0 read the fp32 scratch
+    assert tiles(torch.bfloat16, torch.float32, True) == every
+    assert tiles(torch.float32, torch.float32, False) == every
+
+
 def test_step_configs_are_the_ones_that_run():
-    """The step kernel keeps every tile for every dtype (nothing is pruned for spills any more);
+    """The step kernel keeps every tile for every dtype (only the two variants of
+    test_step_skips_the_8x16_tile_where_it_spilled lose one);
     fp32 runs at 8 elements of a [TILE, BLOCK_C] tile per thread, 16-bit inputs at 16; the cap is
     idempotent (prune + heuristics apply it once) and also applies to the unpruned first config
     that runs when autotuning is off."""
