@@ -779,7 +779,7 @@ _MMA_COST_VALUE, _MMA_COST_STAGE, _MMA_COST_BLOCK = 16.0, 3.0, 3000.0
 _MMA_SMEM_BUDGET = min(227 * 1024, H100["smem_per_sm"] // 2 - 1024)
 
 
-def _mma_geom(ks, H, W, TH, TW, dtype):
+def _mma_geom(ks, H, W, TH, TW, dtype, rec=False):
     L = len(ks)
     Rn = [0] * L
     for j in range(L - 2, -1, -1):
@@ -807,16 +807,17 @@ def _mma_geom(ks, H, W, TH, TW, dtype):
     ntiles = _cdiv(H, TH) * _cdiv(W, TW)
     ns = 1.0   # mmas per kernel row: FC_MMA_BF16_NS = 1 (bf16 weights rounded, as fp16's)
     per_tile = _MMA_COST_BLOCK + _MMA_COST_STAGE * srows * scols
-    for j in range(L):
+    for j in range(L - (1 if rec else 0)):
         per_tile += 128.0 * nrow[j] * ncol[j] * (_MMA_COST_VALUE + 0.25 * (1.0 + ns) * ks[j])
     return {"TH": TH, "TW": TW, "nrow": nrow, "ncol": ncol, "pitch": pitch, "brow": brow, "scols": scols,
             "srows": srows,
             "smem": smem, "ntiles": ntiles, "cost": per_tile * ntiles / (H * W), "Rn": Rn}
 
 
-def cuda_plan_mma(shape, ks, dtype):
+def cuda_plan_mma(shape, ks, dtype, rec=False):
     """plan_mma() of the CUDA backend: the tensor-core forward's tile, or None where it does not
-    apply (fp32, other level stacks, FOCALNET_CUDA_MMA=0)."""
+    apply (fp32, other level stacks, FOCALNET_CUDA_MMA=0); rec: the backward's recompute, which stops
+    before the last level (planned with that level's kernel size as 1, its values not paid for)."""
     B, H, W, C = shape
     if dtype not in ("float16", "bfloat16") or (len(ks), tuple(ks)) not in _MMA_SPECS:
         return None
@@ -825,7 +826,7 @@ def cuda_plan_mma(shape, ks, dtype):
     best = None
     for th in _MMA_TH:
         for tw in _MMA_TW:
-            g = _mma_geom(list(ks), H, W, th, tw, dtype)
+            g = _mma_geom(list(ks[:-1]) + [1] if rec else list(ks), H, W, th, tw, dtype, rec)
             if g is None or B * g["ntiles"] * _cdiv(C, _CB) > 2 ** 31 - 1:
                 continue
             if best is None or g["cost"] < best["cost"]:
@@ -1439,7 +1440,7 @@ def cuda_plan_bwd(shape, ks, dtype="float32"):
                     best, bc = g, c
         best["nslots"] = min(B * best["ntiles"], max(1, _TARGET_BLOCKS // cbl))
         levels.append(best)
-    mp = cuda_plan_mma(shape, list(ks), dtype)
+    mp = cuda_plan_mma(shape, list(ks), dtype, rec=True)
     lvm = [None] * L
     if mp is not None and os.environ.get("FOCALNET_CUDA_MMA_BWD", "") != "0":
         for l, k in enumerate(ks):

@@ -1,6 +1,7 @@
 """The static H100 cost model (focalnet_kernels/cost_model.py): floors, SASS classification, loop
 trip-count mapping, row format.  No GPU: compiles go through triton.compile for sm_90 in a
 subprocess without TRITON_INTERPRET (the interpreter tests switch it on in this process)."""
+import itertools
 import json
 import os
 import subprocess
@@ -117,17 +118,19 @@ def test_cuda_mma_planner_port():
     # every column a level reads written by the level before
     assert cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7], "float32") is None
     assert cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7, 9], "bfloat16") is None
-    for dt in ("bfloat16", "float16"):
-        for ks in ([3, 5], [3, 5, 7]):
-            for shape in cm.STAGES.values():
-                g = cm.cuda_plan_mma(shape, ks, dt)
-                assert g is not None and g["smem"] <= 113 * 1024
-                L = len(ks)
-                for j in range(1, L):
-                    assert g["ncol"][j - 1] >= g["ncol"][j] + 1
-                    assert g["pitch"][j] >= 8 * g["ncol"][j] + 8 and g["pitch"][j] % 8 == 0
-                    assert g["brow"][j] >= 16 * g["nrow"][j] + ks[j] - 1
-                assert 16 * g["nrow"][L - 1] >= g["TH"] and 8 * g["ncol"][L - 1] >= g["TW"]
+    for dt, ks, shape, rec in itertools.product(("bfloat16", "float16"), ([3, 5], [3, 5, 7]), cm.STAGES.values(),
+                                                (False, True)):
+        g = cm.cuda_plan_mma(shape, ks, dt, rec=rec)
+        assert g is not None and g["smem"] <= 113 * 1024
+        if rec:  # the recompute: the last level is not computed, so it adds no halo
+            ks = list(ks[:-1]) + [1]
+            assert g["Rn"][-2] == 0
+        L = len(ks)
+        for j in range(1, L):
+            assert g["ncol"][j - 1] >= g["ncol"][j] + 1
+            assert g["pitch"][j] >= 8 * g["ncol"][j] + 8 and g["pitch"][j] % 8 == 0
+            assert g["brow"][j] >= 16 * g["nrow"][j] + ks[j] - 1
+        assert 16 * g["nrow"][L - 1] >= g["TH"] and 8 * g["ncol"][L - 1] >= g["TW"]
 
 
 LOOP_KERNEL = '''
@@ -280,7 +283,7 @@ def test_cuda_backward_planner_port():
     assert s.startswith("recompute ") and s.count("; level ") == 3
     # fp16/bf16 recompute on tensor cores with the forward's tile, the FMA segments as its fallback
     bf = cm.cuda_plan_bwd((256, 56, 56, 96), (3, 5, 7), "bfloat16")
-    fwd = cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7], "bfloat16")
+    fwd = cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7], "bfloat16", rec=True)  # the recompute's own tile
     assert bf["mma"] == fwd and bf["segs"] == plan["segs"]
     assert cm.cuda_bwd_plan_string(bf).startswith(f"recompute mma {fwd['TH']}x{fwd['TW']} else ")
     # bf16: the level kernels on tensor cores too (within the forward's shared-memory budget), with the

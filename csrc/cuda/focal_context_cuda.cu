@@ -436,7 +436,9 @@ int64_t mma_smem_budget(const FocalContextArgs& a) {
   return v;
 }
 
-bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t budget) {
+// rec: the backward's recompute, which stops before the last level (the caller passes its kernel size as 1:
+// no halo for it) and does not pay for it
+bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t budget, bool rec = false) {
   const int L = a.L;
   m.TH = TH;
   m.TW = TW;
@@ -474,14 +476,16 @@ bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t bud
   m.ntiles = (int)ntiles;
   const double ns = a.dtype == kBFloat16 ? (double)FC_MMA_BF16_NS : 1.0;
   double per_tile = kMmaCostBlock + kMmaCostStage * (double)m.srows * m.scols;
-  for (int j = 0; j < L; ++j)
+  for (int j = 0; j < L - (rec ? 1 : 0); ++j)
     per_tile += 128.0 * m.nrow[j] * m.ncol[j] * (kMmaCostValue + 0.25 * (1.0 + ns) * a.ksize[j]);
   m.cost = per_tile * (double)m.ntiles / (double)(a.H * a.W);
   return true;
 }
 
 // The tensor-core plan, or ok = false when the case is not one it handles.
-MmaPlan plan_mma(const FocalContextArgs& a) {
+// rec: the plan of the backward's recompute (REC instance: levels 0 .. L-2 on the tile + the halo of
+// levels 1 .. L-2 only, so its tile may be larger than the forward's)
+MmaPlan plan_mma(const FocalContextArgs& a, bool rec = false) {
   MmaPlan best;
   if (a.dtype != kFloat16 && a.dtype != kBFloat16) return best;
   if (a.L < 2 || a.L > 3) return best;
@@ -489,10 +493,12 @@ MmaPlan plan_mma(const FocalContextArgs& a) {
     if (a.ksize[l] > MMA_KMAX) return best;
   if (!mma_has_spec(a) || !mma_enabled()) return best;
   const int64_t budget = mma_smem_budget(a);
+  FocalContextArgs g = a;
+  if (rec) g.ksize[a.L - 1] = 1;
   for (int th : kMmaTH)
     for (int tw : kMmaTW) {
       MmaPlan m;
-      if (!mma_geom(m, a, th, tw, budget)) continue;
+      if (!mma_geom(m, g, th, tw, budget, rec)) continue;
       if (a.B * (int64_t)m.ntiles * cblocks_of(a.C) > std::numeric_limits<int32_t>::max()) continue;
       if (!best.ok || m.cost < best.cost) {
         best = m;
@@ -661,7 +667,7 @@ BwdPlan plan_bwd(const FocalContextArgs& a) {
   const int L = a.L;
   Layout lay;
   if (L >= 2) {
-    pl.mma = plan_mma(a);
+    pl.mma = plan_mma(a, true);
     if (pl.mma.ok) {
       pl.off_flag = lay.take(16);
       pl.nwp = mma_frag_words(a);
