@@ -780,6 +780,8 @@ _MMA_SMEM_BUDGET = min(227 * 1024, H100["smem_per_sm"] // 2 - 1024)
 
 
 def _mma_geom(ks, H, W, TH, TW, dtype, rec=False):
+    if rec:  # the recompute stops before the last level: no halo for it
+        ks = list(ks[:-1]) + [1]
     L = len(ks)
     Rn = [0] * L
     for j in range(L - 2, -1, -1):
@@ -826,7 +828,7 @@ def cuda_plan_mma(shape, ks, dtype, rec=False):
     best = None
     for th in _MMA_TH:
         for tw in _MMA_TW:
-            g = _mma_geom(list(ks[:-1]) + [1] if rec else list(ks), H, W, th, tw, dtype, rec)
+            g = _mma_geom(list(ks), H, W, th, tw, dtype, rec)
             if g is None or B * g["ntiles"] * _cdiv(C, _CB) > 2 ** 31 - 1:
                 continue
             if best is None or g["cost"] < best["cost"]:

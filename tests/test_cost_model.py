@@ -281,11 +281,11 @@ def test_cuda_backward_planner_port():
     assert cm.cuda_plan_bwd((2, 7, 7, 768), (3,))["segs"] == []
     s = cm.cuda_bwd_plan_string(plan)
     assert s.startswith("recompute ") and s.count("; level ") == 3
-    # fp16/bf16 recompute on tensor cores with the forward's tile, the FMA segments as its fallback
+    # fp16/bf16 recompute on tensor cores with its own tile, the FMA segments as its fallback
     bf = cm.cuda_plan_bwd((256, 56, 56, 96), (3, 5, 7), "bfloat16")
-    fwd = cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7], "bfloat16", rec=True)  # the recompute's own tile
-    assert bf["mma"] == fwd and bf["segs"] == plan["segs"]
-    assert cm.cuda_bwd_plan_string(bf).startswith(f"recompute mma {fwd['TH']}x{fwd['TW']} else ")
+    rec = cm.cuda_plan_mma((256, 56, 56, 96), [3, 5, 7], "bfloat16", rec=True)
+    assert bf["mma"] == rec and bf["segs"] == plan["segs"]
+    assert cm.cuda_bwd_plan_string(bf).startswith(f"recompute mma {rec['TH']}x{rec['TW']} else ")
     # bf16: the level kernels on tensor cores too (within the forward's shared-memory budget), with the
     # FMA kernel's slots; fp32 / fp16: none
     assert plan["lvm"] == [None] * 3 and cm.cuda_plan_bwd((256, 56, 56, 96), (3, 5, 7), "float16")["lvm"] == [None] * 3

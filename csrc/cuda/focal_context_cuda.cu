@@ -436,15 +436,17 @@ int64_t mma_smem_budget(const FocalContextArgs& a) {
   return v;
 }
 
-// rec: the backward's recompute, which stops before the last level (the caller passes its kernel size as 1:
-// no halo for it) and does not pay for it
+// rec: the backward's recompute, which stops before the last level: that level adds no halo (planned
+// with kernel size 1) and is not paid for
 bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t budget, bool rec = false) {
   const int L = a.L;
+  std::array<int32_t, kMaxLevels> ksize = a.ksize;
+  if (rec) ksize[L - 1] = 1;
   m.TH = TH;
   m.TW = TW;
   m.Rn[L - 1] = 0;
-  for (int j = L - 2; j >= 0; --j) m.Rn[j] = m.Rn[j + 1] + a.ksize[j + 1] / 2;
-  m.H0 = m.Rn[0] + a.ksize[0] / 2;
+  for (int j = L - 2; j >= 0; --j) m.Rn[j] = m.Rn[j + 1] + ksize[j + 1] / 2;
+  m.H0 = m.Rn[0] + ksize[0] / 2;
   for (int j = 0; j < L; ++j) {
     m.nrow[j] = (int)ceil_div(TH + 2 * m.Rn[j], 16);
     m.ncol[j] = (int)ceil_div(TW + 2 * m.Rn[j], 8);
@@ -452,10 +454,10 @@ bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t bud
   for (int j = L - 2; j >= 0; --j) m.ncol[j] = std::max(m.ncol[j], m.ncol[j + 1] + 1);
   auto odd8 = [](int x) { return (x / 8) % 2 == 0 ? x + 8 : x; };  // 16-byte rows: ldmatrix bank spread
   m.pitch[0] = odd8(8 * m.ncol[0] + 8);
-  m.brow[0] = 16 * m.nrow[0] + a.ksize[0] - 1;
+  m.brow[0] = 16 * m.nrow[0] + ksize[0] - 1;
   for (int j = 1; j < L; ++j) {
     m.pitch[j] = odd8(8 * m.ncol[j - 1]);
-    m.brow[j] = std::max(16 * m.nrow[j] + a.ksize[j] - 1, 16 * m.nrow[j - 1]);
+    m.brow[j] = std::max(16 * m.nrow[j] + ksize[j] - 1, 16 * m.nrow[j - 1]);
   }
   m.scols = 8 * m.ncol[0] + 8;                       // every column level 0 reads
   m.srows = std::min(m.brow[0], TH + 2 * m.H0);       // the rows its kept outputs read
@@ -477,7 +479,7 @@ bool mma_geom(MmaPlan& m, const FocalContextArgs& a, int TH, int TW, int64_t bud
   const double ns = a.dtype == kBFloat16 ? (double)FC_MMA_BF16_NS : 1.0;
   double per_tile = kMmaCostBlock + kMmaCostStage * (double)m.srows * m.scols;
   for (int j = 0; j < L - (rec ? 1 : 0); ++j)
-    per_tile += 128.0 * m.nrow[j] * m.ncol[j] * (kMmaCostValue + 0.25 * (1.0 + ns) * a.ksize[j]);
+    per_tile += 128.0 * m.nrow[j] * m.ncol[j] * (kMmaCostValue + 0.25 * (1.0 + ns) * ksize[j]);
   m.cost = per_tile * (double)m.ntiles / (double)(a.H * a.W);
   return true;
 }
@@ -493,12 +495,10 @@ MmaPlan plan_mma(const FocalContextArgs& a, bool rec = false) {
     if (a.ksize[l] > MMA_KMAX) return best;
   if (!mma_has_spec(a) || !mma_enabled()) return best;
   const int64_t budget = mma_smem_budget(a);
-  FocalContextArgs g = a;
-  if (rec) g.ksize[a.L - 1] = 1;
   for (int th : kMmaTH)
     for (int tw : kMmaTW) {
       MmaPlan m;
-      if (!mma_geom(m, g, th, tw, budget, rec)) continue;
+      if (!mma_geom(m, a, th, tw, budget, rec)) continue;
       if (a.B * (int64_t)m.ntiles * cblocks_of(a.C) > std::numeric_limits<int32_t>::max()) continue;
       if (!best.ok || m.cost < best.cost) {
         best = m;
